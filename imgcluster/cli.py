@@ -92,6 +92,466 @@ def ingest(image_dir: Path, workspace_path: Path) -> None:
         raise click.ClickException(f"no usable image found in {image_dir}")
 
 
+def _split_option(ctx: click.Context, param: click.Parameter, value: str | None) -> object:
+    from imgcluster.errors import ExportError
+    from imgcluster.export import parse_split
+
+    try:
+        return parse_split(value)
+    except ExportError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@cli.command(name="export")
+@click.argument("out", type=click.Path(path_type=Path))
+@workspace_option
+@click.option(
+    "--mode",
+    type=click.Choice(["copy", "hardlink", "symlink"]),
+    default="copy",
+    show_default=True,
+    help="Copy the images, hard-link them (no extra space) or symlink them (absolute paths).",
+)
+@click.option(
+    "--split",
+    callback=_split_option,
+    help="Stratified train,val[,test] proportions, e.g. 0.8,0.2 -> OUT/train, OUT/val.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
+@click.option("--confirmed-only", is_flag=True, help="Only images whose label was confirmed.")
+@click.option(
+    "--include-unsure/--exclude-unsure",
+    default=False,
+    show_default=True,
+    help="Whether images marked unsure are exported with their label.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT once the new export is complete.")
+@click.option("--zip", "make_zip", is_flag=True, help="Also write OUT.zip beside OUT.")
+def export(
+    out: Path,
+    workspace_path: Path,
+    mode: str,
+    split: tuple[float, ...] | None,
+    seed: int,
+    confirmed_only: bool,
+    include_unsure: bool,
+    overwrite: bool,
+    make_zip: bool,
+) -> None:
+    """Write the labeled images to OUT/<label>/ (with manifest.csv and labels.json)."""
+    from imgcluster.export import export_workspace, zip_export
+
+    ws = open_workspace(workspace_path)
+    with progress_bar("export") as bar:
+        result = export_workspace(
+            ws,
+            out,
+            mode=mode,
+            split=split,
+            seed=seed,
+            confirmed_only=confirmed_only,
+            include_unsure=include_unsure,
+            overwrite=overwrite,
+            progress=bar,
+        )
+    columns = result.splits or ("all",)
+    click.echo(f"{'label':30s} {'folder':30s} " + " ".join(f"{c:>6s}" for c in columns))
+    for label, per_split in result.counts.items():
+        counts = " ".join(f"{per_split[c]:6d}" for c in columns)
+        click.echo(f"{label:30s} {result.folders[label]:30s} {counts}")
+    click.echo(f"{result.n_files} images exported ({result.mode}) to {result.out}")
+    for reason, count in sorted(result.left_out.items()):
+        click.echo(f"left out   {count:6d}  {reason}")
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if make_zip:
+        click.echo(f"zip        {zip_export(result.out)}")
+
+
+@cli.command()
+@workspace_option
+@click.option(
+    "--backbone", default="efficientnet-lite0", show_default=True,
+    help="CNN backbone (efficientnet-lite0/1/2, vgg16, resnet50, efficientnetb0, ...).",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+    help="Images per stored batch; an interrupted run loses at most one.",
+)
+@click.option(
+    "--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    help="Local weights file instead of the backbone's pretrained ImageNet weights.",
+)
+@click.option(
+    "--runtime", type=click.Choice(["auto", "tflite", "keras"]), default="auto",
+    show_default=True, help="tflite: converted once and cached, fastest on CPU; keras: fallback.",
+)
+@click.option(
+    "--nearest-resize", is_flag=True,
+    help="Resize with NEAREST like the original VGG16 recipe (only to reproduce it).",
+)
+def extract(
+    workspace_path: Path,
+    backbone: str,
+    batch_size: int,
+    weights: Path | None,
+    runtime: str,
+    nearest_resize: bool,
+) -> None:
+    """Compute CNN feature vectors of the ingested images; re-runs compute only what is new."""
+    from imgcluster.features import extract as extract_features
+
+    ws = open_workspace(workspace_path)
+    with progress_bar(f"extract {backbone}") as bar:
+        report = extract_features(
+            ws, backbone, batch_size=batch_size, weights=weights or "default",
+            progress=bar, runtime=runtime, nearest_resize=nearest_resize,
+        )
+    click.echo(f"images     {report.total}")
+    click.echo(f"extracted  {report.extracted}   shared by duplicates {report.shared}")
+    click.echo(f"reused     {report.reused}")
+    click.echo(f"failed     {len(report.failed)}")
+    for reason, count in sorted(report.failure_counts().items()):
+        click.echo(f"  {count:6d}  {reason}")
+    for relpath, reason in report.failed[:20]:
+        click.echo(f"  {relpath}: {reason}", err=True)
+    if len(report.failed) > 20:
+        click.echo(f"  ... and {len(report.failed) - 20} more", err=True)
+    if report.extracted:
+        click.echo(
+            f"speed      {report.images_per_second:.1f} images/s ({report.runtime}; "
+            f"model ready in {report.load_seconds:.1f} s)"
+        )
+
+
+@cli.command(name="cluster")
+@workspace_option
+@click.option("--k", "k", type=click.IntRange(2, 200), required=True, help="Number of clusters.")
+@click.option(
+    "--backbone", default="efficientnet-lite0", show_default=True,
+    help="Backbone whose extracted features are clustered.",
+)
+@click.option(
+    "--algorithm", type=click.Choice(["auto", "kmeans", "minibatch"]), default="auto",
+    show_default=True, help="auto: exact KMeans up to 20,000 images, MiniBatchKMeans above.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option(
+    "--preprocess", type=click.Choice(["l2", "pca", "pca-whiten", "umap"]), default=None,
+    help="Space to cluster in (default: the benchmarked default, pca).",
+)
+def cluster_command(
+    workspace_path: Path, k: int, backbone: str, algorithm: str, seed: int,
+    preprocess: str | None,
+) -> None:
+    """Cluster the images by their features into K groups and print the cluster sizes.
+
+    The run is stored in the workspace; the same request again returns it without recomputing.
+    """
+    from imgcluster.clustering import DEFAULT_PREPROCESS, cluster
+
+    ws = open_workspace(workspace_path)
+    with progress_bar("cluster") as bar:
+        run = cluster(
+            ws, backbone, k, algorithm=algorithm, seed=seed,
+            preprocess=preprocess or DEFAULT_PREPROCESS, progress=bar,
+        )
+    misfits = run.misfits
+    click.echo(
+        f"run {run.id}: {len(run)} images, k={run.k}, {run.algorithm}, {run.preprocess}, "
+        f"seed {run.seed}, {run.seconds:.2f} s, mean silhouette {run.mean_silhouette:.3f}"
+    )
+    click.echo("cluster  images  misfits")
+    for c, size in enumerate(run.sizes):
+        click.echo(f"{c:7d}  {size:6d}  {int(misfits[run.labels == c].sum()):7d}")
+
+
+@cli.command(name="suggest-k")
+@workspace_option
+@click.option(
+    "--backbone", default="efficientnet-lite0", show_default=True,
+    help="Backbone whose extracted features are used.",
+)
+@click.option("--min", "k_min", type=click.IntRange(min=2), default=2, show_default=True)
+@click.option("--max", "k_max", type=click.IntRange(min=2), default=40, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+def suggest_k_command(
+    workspace_path: Path, backbone: str, k_min: int, k_max: int, seed: int
+) -> None:
+    """Print silhouette and inertia for each k from MIN to MAX, and the best k.
+
+    Higher silhouette = better separated clusters. The choice of k stays yours: pick one of
+    the best few, or more clusters than classes and merge them while labeling.
+    """
+    from imgcluster.clustering import suggest_k
+
+    if k_max < k_min:
+        raise click.BadParameter(f"--max {k_max} is below --min {k_min}", param_hint="--max")
+    with progress_bar("suggest-k") as bar:
+        result = suggest_k(
+            open_workspace(workspace_path), k_min, k_max, backbone=backbone, seed=seed,
+            progress=bar,
+        )
+    click.echo("    k  silhouette  inertia")
+    for k, sil, inertia in zip(result.ks, result.silhouette, result.inertia, strict=True):
+        mark = "  *" if result.best and k == result.best[0] else ""
+        click.echo(f"{k:5d}  {sil:10.3f}  {inertia:7.4f}{mark}")
+    click.echo(f"best k: {result.best[0]}   (next: {', '.join(map(str, result.best[1:]))})")
+
+
+# -- labels -----------------------------------------------------------------------------------
+
+def _default_actor() -> str:
+    import os
+
+    return os.environ.get("USER") or "cli"
+
+
+actor_option = click.option(
+    "--actor",
+    default=_default_actor,
+    show_default="$USER",
+    help="Who is doing this (recorded in the audit log; undo/redo act on this actor's steps).",
+)
+
+
+def _applied(result: object) -> None:
+    click.echo(getattr(result, "summary", result))
+
+
+@cli.group(name="labels")
+def labels_group() -> None:
+    """Turn clusters into labels: rename, merge, split, move, exclude, confirm, undo, history.
+
+    Labels are referred to by name (case-insensitive) or as #ID; PATHs are relative to the
+    image collection root. Every change is one transaction, audited and undoable; `start`
+    begins labeling from the newest clustering run.
+    """
+
+
+@labels_group.command(name="start")
+@workspace_option
+@click.option("--run", "run_id", type=int, help="Clustering run id (default: the newest).")
+@click.option("--replace", is_flag=True, help="Start over although labeling is active.")
+@actor_option
+def labels_start(workspace_path: Path, run_id: int | None, replace: bool, actor: str) -> None:
+    """Start labeling: every cluster of the run becomes a label cluster_NN."""
+    from imgcluster.labels import list_labels, start_session
+
+    ws = open_workspace(workspace_path)
+    session = start_session(ws, run_id, actor=actor, replace=replace)
+    labels = list_labels(ws)
+    n = sum(label.count for label in labels)
+    click.echo(f"labeling session {session}: {len(labels)} labels, {n} images")
+
+
+@labels_group.command(name="list")
+@workspace_option
+def labels_list(workspace_path: Path) -> None:
+    """Labels with their image counts."""
+    from imgcluster.labels import list_labels
+
+    rows = list_labels(open_workspace(workspace_path))
+    click.echo(
+        f"{'id':>5s}  {'label':30s} {'images':>6s} {'confirmed':>9s} {'excluded':>8s} "
+        f"{'unsure':>6s} {'misfits':>7s}"
+    )
+    for r in rows:
+        click.echo(
+            f"{r.id:5d}  {r.name:30s} {r.count:6d} {r.confirmed:9d} {r.excluded:8d} "
+            f"{r.unsure:6d} {r.misfits:7d}"
+        )
+
+
+@labels_group.command(name="show")
+@click.argument("label")
+@workspace_option
+@click.option("--limit", type=click.IntRange(min=1), default=60, show_default=True)
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--order",
+    type=click.Choice(["typicality", "misfit", "relpath"]),
+    default="typicality",
+    show_default=True,
+)
+@click.option("--misfits", is_flag=True, help="Only images that look misplaced.")
+def labels_show(
+    label: str, workspace_path: Path, limit: int, offset: int, order: str, misfits: bool
+) -> None:
+    """Images of LABEL, most typical first (or only the likely misplaced ones)."""
+    from imgcluster.labels import label_images, misplaced
+
+    ws = open_workspace(workspace_path)
+    if misfits:
+        rows = misplaced(ws, label, limit)
+    else:
+        rows = label_images(ws, label, offset=offset, limit=limit, order=order)
+    for r in rows:
+        flags = ("confirmed " if r.confirmed else "") + ("" if r.state == "normal" else r.state)
+        hint = f" looks like {r.nearest_other!r}" if r.misfit and r.nearest_other else ""
+        distance = "-" if r.distance is None else f"{r.distance:.3f}"
+        click.echo(f"{r.relpath}\t{distance}\t{flags.strip()}{hint}")
+
+
+@labels_group.command(name="rename")
+@click.argument("old")
+@click.argument("new")
+@workspace_option
+@actor_option
+def labels_rename(old: str, new: str, workspace_path: Path, actor: str) -> None:
+    """Rename label OLD to NEW (free text, unique case-insensitively)."""
+    from imgcluster.labels import rename
+
+    _applied(rename(open_workspace(workspace_path), old, new, actor=actor))
+
+
+@labels_group.command(name="merge")
+@click.argument("labels", nargs=-1, required=True)
+@click.option("--into", help="Resulting label: an existing one, or a new name for the first.")
+@workspace_option
+@actor_option
+def labels_merge(
+    labels: tuple[str, ...], into: str | None, workspace_path: Path, actor: str
+) -> None:
+    """Merge LABELS into one (the first, or --into)."""
+    from imgcluster.labels import merge
+
+    _applied(merge(open_workspace(workspace_path), list(labels), into=into, actor=actor))
+
+
+@labels_group.command(name="split")
+@click.argument("label")
+@click.option("--n", "n", type=click.IntRange(min=2), required=True, help="Number of parts.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@workspace_option
+@actor_option
+def labels_split(label: str, n: int, seed: int, workspace_path: Path, actor: str) -> None:
+    """Split LABEL into N by KMeans over its unconfirmed images."""
+    from imgcluster.labels import split
+
+    _applied(split(open_workspace(workspace_path), label, n, seed=seed, actor=actor))
+
+
+@labels_group.command(name="move")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--to", "to_label", required=True, help="Target label (created if new).")
+@click.option("--no-create", is_flag=True, help="Refuse a target label that does not exist.")
+@workspace_option
+@actor_option
+def labels_move(
+    paths: tuple[str, ...], to_label: str, no_create: bool, workspace_path: Path, actor: str
+) -> None:
+    """Move images (PATHs relative to the collection root) to a label; they become confirmed."""
+    from imgcluster.labels import move
+
+    ws = open_workspace(workspace_path)
+    _applied(move(ws, list(paths), to_label, create=not no_create, actor=actor))
+
+
+def _state_command(name: str, state: str, doc: str) -> None:
+    @labels_group.command(name=name, help=doc)
+    @click.argument("paths", nargs=-1, required=True)
+    @workspace_option
+    @actor_option
+    def command(paths: tuple[str, ...], workspace_path: Path, actor: str) -> None:
+        from imgcluster.labels import set_state
+
+        _applied(set_state(open_workspace(workspace_path), list(paths), state, actor=actor))
+
+
+_state_command("exclude", "excluded", "Exclude images (PATHs) from export; they keep their label.")
+_state_command("unsure", "unsure", "Mark images (PATHs) unsure, for review.")
+_state_command("include", "normal", "Clear the excluded / unsure mark of images (PATHs).")
+
+
+@labels_group.command(name="confirm")
+@click.argument("label")
+@workspace_option
+@actor_option
+def labels_confirm(label: str, workspace_path: Path, actor: str) -> None:
+    """Confirm every (normal) image of LABEL."""
+    from imgcluster.labels import confirm
+
+    _applied(confirm(open_workspace(workspace_path), label, actor=actor))
+
+
+@labels_group.command(name="delete")
+@click.argument("label")
+@workspace_option
+@actor_option
+def labels_delete(label: str, workspace_path: Path, actor: str) -> None:
+    """Delete an empty LABEL."""
+    from imgcluster.labels import delete_label
+
+    _applied(delete_label(open_workspace(workspace_path), label, actor=actor))
+
+
+@labels_group.command(name="undo")
+@workspace_option
+@actor_option
+def labels_undo(workspace_path: Path, actor: str) -> None:
+    """Undo the actor's newest step."""
+    from imgcluster.labels import undo
+
+    _applied(undo(open_workspace(workspace_path), actor=actor))
+
+
+@labels_group.command(name="redo")
+@workspace_option
+@actor_option
+def labels_redo(workspace_path: Path, actor: str) -> None:
+    """Redo the actor's most recently undone step."""
+    from imgcluster.labels import redo
+
+    _applied(redo(open_workspace(workspace_path), actor=actor))
+
+
+@labels_group.command(name="history")
+@workspace_option
+@click.option("--limit", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--actor", default=None, help="Only this actor's steps.")
+def labels_history(workspace_path: Path, limit: int, actor: str | None) -> None:
+    """The audit log, newest first: who did what, when."""
+    from imgcluster.labels import history
+
+    for h in history(open_workspace(workspace_path), limit, actor=actor):
+        status = f" [{h.status}]" if h.status and h.status != "done" else ""
+        click.echo(f"{h.id:6d}  {h.at}  {h.actor:12s} {h.summary}{status}")
+
+
+@labels_group.command(name="recluster")
+@click.option(
+    "--new",
+    "n_new",
+    type=click.IntRange(min=0),
+    required=True,
+    help="Number of new clusters for the unconfirmed images.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@workspace_option
+@actor_option
+def labels_recluster(n_new: int, seed: int, workspace_path: Path, actor: str) -> None:
+    """Re-cluster unconfirmed images around the existing labels plus --new new ones."""
+    from imgcluster.labels import recluster_unconfirmed
+
+    ws = open_workspace(workspace_path)
+    _applied(recluster_unconfirmed(ws, n_new, seed=seed, actor=actor))
+
+
+@labels_group.command(name="suggest")
+@click.option("--k", "k", type=click.IntRange(min=1), default=5, show_default=True)
+@workspace_option
+@actor_option
+def labels_suggest(k: int, workspace_path: Path, actor: str) -> None:
+    """Label new images (features, no label) like their nearest confirmed neighbours."""
+    from imgcluster.labels import suggest_for_new_images
+
+    rows = suggest_for_new_images(open_workspace(workspace_path), k=k, actor=actor)
+    for r in rows:
+        click.echo(f"{r.relpath}\t{r.label}\t{r.confidence:.2f}")
+    click.echo(f"{len(rows)} new images got a suggested label (unconfirmed)")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="imgcluster")

@@ -36,6 +36,10 @@ class WeightsUnavailable(ImgclusterError):
     """Pretrained weights are not on this machine and cannot be downloaded."""
 
 
+class FeaturesMismatch(ImgclusterError):
+    """Stored vectors of a backbone came from other weights or resizing than requested now."""
+
+
 class UnknownCluster(ImgclusterError, ValueError):
     """A clustering run, cluster or label that does not exist."""
 
@@ -46,6 +50,18 @@ class InvalidLabelName(ImgclusterError, ValueError):
 
 class StaleState(ImgclusterError):
     """An operation was based on a view that another annotator has changed since."""
+
+
+class UnknownImage(ImgclusterError, ValueError):
+    """An image path or id that the workspace (or its labeling session) does not hold."""
+
+
+class NoLabelSession(ImgclusterError):
+    """Labeling has not been started in this workspace (no active labeling session)."""
+
+
+class NothingToUndo(ImgclusterError):
+    """Undo or redo was asked for but the actor's history has no such step."""
 
 
 class ExportError(ImgclusterError):

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -29,6 +30,10 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 #: Largest image accepted, in pixels (Pillow's own warning threshold). Decoding a bigger one
 #: could take gigabytes of memory: a decompression bomb is refused from its header alone.
 MAX_PIXELS = 89_478_485
+
+#: Largest file read, in bytes. Ingest reads a whole file to hash and decode it; an uncompressed
+#: 16-bit RGBA TIFF at MAX_PIXELS is about 700 MiB, so nothing usable is larger than this.
+MAX_FILE_BYTES = 1 << 30
 
 THUMBNAIL_SIDE = 256
 
@@ -134,6 +139,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if mode == "F" and arr.max(initial=0) <= 1.0:
+            top = 1.0  # float images conventionally hold 0..1; scaled by 255 they come out black
         arr8 = np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
@@ -170,6 +177,7 @@ class ScannedFile:
     relpath: str
     path: Path
     problem: str | None = None  # a reason to skip found while scanning (permissions, symlink)
+    link: bool = False  # a symlink (checked to point inside the collection) when scanned
 
 
 def scan(root: str | os.PathLike[str]) -> Iterator[ScannedFile]:
@@ -182,11 +190,13 @@ def scan(root: str | os.PathLike[str]) -> Iterator[ScannedFile]:
     if not root_path.is_dir():
         raise InvalidPath(f"image folder {root_path} does not exist or is not a folder")
     found: list[ScannedFile] = []
+    undecodable: dict[str, ScannedFile] = {}
 
     def on_error(err: OSError) -> None:
         where = Path(err.filename) if err.filename else root_path
         rel = _relpath(where, root_path)
-        found.append(ScannedFile(rel + "/", where, f"unreadable folder: {_short(err)}"))
+        detail = (err.strerror or _short(err)).lower()
+        found.append(ScannedFile(rel + "/", where, f"unreadable folder: {detail}"))
 
     for dirpath, dirnames, filenames in os.walk(root_path, onerror=on_error):
         dirnames.sort()
@@ -196,16 +206,36 @@ def scan(root: str | os.PathLike[str]) -> Iterator[ScannedFile]:
                 continue
             path = folder / name
             rel = _relpath(path, root_path)
+            if rel != path.relative_to(root_path).as_posix():
+                # Not valid UTF-8: the stored name cannot lead back to this file (and may equal
+                # another file's real name), so it must never be opened by name later.
+                undecodable.setdefault(rel, ScannedFile(rel, path, _UNDECODABLE))
+                continue
             problem = None
-            if path.is_symlink():
-                target = path.resolve()
+            try:
+                is_link = path.is_symlink()
+            except OSError as exc:  # e.g. a folder that can be listed but not searched
+                reason = f"unreadable: {(exc.strerror or _short(exc)).lower()}"
+                found.append(ScannedFile(rel, path, reason))
+                continue
+            if is_link:
+                try:
+                    target = path.resolve()
+                except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError on ELOOP
+                    found.append(ScannedFile(rel, path, "symlink loop: the link never ends"))
+                    continue
                 if not target.is_relative_to(root_path):
                     problem = "symlink outside collection: points to a file outside the folder"
                 elif not target.is_file():
                     problem = "broken symlink: the link points to nothing"
-            found.append(ScannedFile(rel, path, problem))
+            found.append(ScannedFile(rel, path, problem, link=is_link))
+    taken = {f.relpath for f in found}
+    found.extend(f for rel, f in undecodable.items() if rel not in taken)
     found.sort(key=lambda f: f.relpath)
     yield from found
+
+
+_UNDECODABLE = "undecodable name: the file name is not valid UTF-8; rename the file to use it"
 
 
 def _relpath(path: Path, root: Path) -> str:
@@ -339,13 +369,23 @@ def _examine(scanned: ScannedFile, workspace: Workspace) -> _Outcome:
     """Read, hash, decode and thumbnail one file; never raises for a bad file."""
     if scanned.problem:
         return _Outcome(scanned.relpath, None, None, None, None, scanned.problem)
+    # Non-blocking: a file swapped for a FIFO since the scan must not hang the open. No-follow
+    # when the scan saw a plain file: one swapped for a link since could point anywhere.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+    if not scanned.link:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
-        stat = scanned.path.stat()
-        with open(scanned.path, "rb") as fh:
-            data = fh.read()
+        fd = os.open(scanned.path, flags)
     except OSError as exc:
         detail = (exc.strerror or _short(exc)).lower()
         return _Outcome(scanned.relpath, None, None, None, None, f"unreadable: {detail}")
+    try:
+        read = _read_regular(scanned, fd)
+    finally:
+        os.close(fd)
+    if isinstance(read, _Outcome):
+        return read
+    stat, data = read
     sha = hashlib.sha256(data).hexdigest()
     try:
         decoded = open_rgb(data)
@@ -356,6 +396,28 @@ def _examine(scanned: ScannedFile, workspace: Workspace) -> _Outcome:
         thumb = make_thumbnail(decoded.image)
         atomic_write(thumb_path, lambda fh: thumb.save(fh, format="JPEG", quality=85))
     return _Outcome(scanned.relpath, stat.st_size, stat.st_mtime_ns, sha, decoded, None)
+
+
+def _read_regular(scanned: ScannedFile, fd: int) -> tuple[os.stat_result, bytes] | _Outcome:
+    """The stat and bytes of an open file, or the outcome that says why it is not read."""
+    try:
+        stat = os.fstat(fd)
+        if not S_ISREG(stat.st_mode):
+            # A FIFO or device named like an image would block (or never end) when read.
+            reason = "not a regular file: a pipe, device, socket or folder named like an image"
+            return _Outcome(scanned.relpath, None, None, None, None, reason)
+        if stat.st_size > MAX_FILE_BYTES:
+            # Read whole into memory to hash and decode: cap it before reading, not after.
+            reason = (
+                f"file too large: {stat.st_size:,} bytes, more than the "
+                f"{MAX_FILE_BYTES >> 20:,} MiB limit"
+            )
+            return _Outcome(scanned.relpath, None, None, None, None, reason)
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return stat, fh.read()
+    except OSError as exc:
+        detail = (exc.strerror or _short(exc)).lower()
+        return _Outcome(scanned.relpath, None, None, None, None, f"unreadable: {detail}")
 
 
 def _store(

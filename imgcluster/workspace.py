@@ -118,6 +118,71 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "labels",
+        # Owned by imgcluster/labels.py. Labels are soft-deleted (deleted_at) so undo and redo
+        # bring back the same id, and ids are never reused (AUTOINCREMENT), so a view holding
+        # an id never meets another label under it; the audit log stores row-level
+        # before/after for every change.
+        """
+        CREATE TABLE label_sessions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id INTEGER NOT NULL REFERENCES clusterings(id),
+            backbone TEXT NOT NULL,
+            active INTEGER NOT NULL DEFAULT 1 CHECK (active IN (0, 1)),
+            version INTEGER NOT NULL DEFAULT 0,
+            geometry_version INTEGER NOT NULL DEFAULT -1,
+            created_by TEXT NOT NULL,
+            created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+        );
+        CREATE UNIQUE INDEX label_sessions_one_active ON label_sessions(active) WHERE active = 1;
+        CREATE TABLE labels (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            session_id INTEGER NOT NULL REFERENCES label_sessions(id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            name_key TEXT NOT NULL,
+            cluster INTEGER,
+            created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+            deleted_at TEXT
+        );
+        CREATE INDEX labels_session ON labels(session_id);
+        CREATE UNIQUE INDEX labels_live_name ON labels(session_id, name_key)
+            WHERE deleted_at IS NULL;
+        CREATE TABLE image_labels (
+            session_id INTEGER NOT NULL REFERENCES label_sessions(id) ON DELETE CASCADE,
+            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+            label_id INTEGER NOT NULL REFERENCES labels(id),
+            confirmed INTEGER NOT NULL DEFAULT 0 CHECK (confirmed IN (0, 1)),
+            state TEXT NOT NULL DEFAULT 'normal'
+                CHECK (state IN ('normal', 'excluded', 'unsure')),
+            confidence REAL,
+            distance REAL,
+            margin REAL,
+            silhouette REAL,
+            poor_fit INTEGER NOT NULL DEFAULT 0,
+            alt_label_id INTEGER,
+            updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+            PRIMARY KEY (session_id, image_id)
+        ) WITHOUT ROWID;
+        CREATE INDEX image_labels_label ON image_labels(session_id, label_id, distance);
+        CREATE INDEX image_labels_fit ON image_labels(session_id, label_id, silhouette);
+        CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            session_id INTEGER NOT NULL REFERENCES label_sessions(id) ON DELETE CASCADE,
+            actor TEXT NOT NULL,
+            at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+            op TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('do', 'undo', 'redo')),
+            target_id INTEGER REFERENCES audit_log(id),
+            status TEXT CHECK (status IN ('done', 'undone', 'dropped')),
+            undo_seq INTEGER,
+            summary TEXT NOT NULL,
+            args TEXT NOT NULL DEFAULT '{}',
+            changes TEXT NOT NULL
+        );
+        CREATE INDEX audit_log_stack ON audit_log(session_id, actor, status, id);
+        """,
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -289,7 +354,10 @@ class Workspace:
         root = self.collection_root
         if root is None:
             raise InvalidPath("workspace has no image collection yet; ingest a folder first")
-        candidate = (root / relpath).resolve()
+        try:
+            candidate = (root / relpath).resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError on Python 3.11)
+            raise InvalidPath(f"{relpath!r} cannot be resolved: {exc}") from exc
         if not candidate.is_relative_to(root):
             raise InvalidPath(f"{relpath!r} is outside the image collection {root}")
         return root / relpath

@@ -1,0 +1,218 @@
+"""Simulated annotator: how many actions turn the default clustering into 100% correct labels.
+
+On ``../shared/datasets/clothing`` (600 photos, 10 classes, truth in ``labels.csv``) the real
+pipeline runs once (ingest, EfficientNet-Lite0 features, the default clustering at k=10) and is
+cached in a workspace under ``/tmp`` for reruns. A fresh labeling session is started and an
+oracle that knows the true class of every photo labels the collection with the library's own
+operations (`imgcluster.labels`), the way a person would in the app:
+
+1. **rename** each label to the majority class of its images; a class that is the majority of
+   several labels gets one **merge** of them (a multi-select merge is one action);
+2. **move** misplaced images: in each label, the images of one other class are selected
+   together and moved in one action (a lasso or multi-select), to an existing or new label.
+
+Printed: the actions of each kind, images labeled per action (600 / actions; labeling photos
+one at a time is 1 per action), accuracy after the renames alone, the images that had to
+be picked by hand, and how well the app's "looks misplaced" view (`labels.misplaced`) points
+at the wrong images after the renames. The run ends by checking that `current_labels` is 100%
+correct.
+
+With ``--scale N`` it also times the app's queries and a move on a synthetic workspace of N
+images (default 100k) and 50 labels, against the clustering module's own page query
+(`imgcluster.clustering.cluster_members`) measured in the same run.
+
+Usage::
+
+    python bench/annotate.py [--workspace /tmp/imgcluster-bench-annotate] [--scale 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from imgcluster import labels as L
+from imgcluster.clustering import cluster, cluster_members
+from imgcluster.features import extract, feature_counts, save_vectors
+from imgcluster.images import ingest
+from imgcluster.workspace import Workspace
+
+DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "clothing"
+BACKBONE = "efficientnet-lite0"
+K = 10
+
+
+def prepare(path: Path) -> tuple[Workspace, int]:
+    """The cached workspace with features and the default k=10 run (computed on first use)."""
+    ws = Workspace(path, create=True)
+    if ws.image_counts()["ok"] == 0:
+        ingest(ws, DATASET)
+    if feature_counts(ws).get(BACKBONE, 0) < ws.image_counts()["ok"]:
+        extract(ws, BACKBONE)
+    run = cluster(ws, BACKBONE, K)  # default algorithm, seed and preprocessing
+    return ws, run.id
+
+
+def truth() -> dict[str, str]:
+    with open(DATASET / "labels.csv", newline="") as fh:
+        return {row["path"]: row["label"] for row in csv.DictReader(fh)}
+
+
+def simulate(ws: Workspace, run_id: int) -> dict[str, object]:
+    """The oracle's session; returns the counts printed and written to bench/README.md."""
+    classes = truth()
+    L.start_session(ws, run_id, actor="oracle", replace=True)
+    actions: Counter[str] = Counter()
+
+    # 1. rename each label to its majority class; merge labels sharing a majority class
+    label_id = {summary.name: summary.id for summary in L.list_labels(ws)}
+    members: dict[int, list[str]] = defaultdict(list)
+    for row in L.current_labels(ws):
+        members[label_id[row.label]].append(row.relpath)
+    majority = {
+        lab: Counter(classes[p] for p in paths).most_common(1)[0][0]
+        for lab, paths in members.items()
+    }
+    purity = {
+        lab: Counter(classes[p] for p in paths).most_common(1)[0][1] / len(paths)
+        for lab, paths in members.items()
+    }
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for lab in sorted(members, key=lambda lab: -len(members[lab])):
+        by_class[majority[lab]].append(lab)
+    for cls, labs in by_class.items():
+        L.rename(ws, labs[0], cls, actor="oracle")
+        actions["rename"] += 1
+        if len(labs) > 1:
+            L.merge(ws, labs, actor="oracle")
+            actions["merge"] += 1
+    after_renames = _accuracy(ws, classes)
+    # how well the app's "looks misplaced" view points at the images that are really wrong
+    flagged = {image.relpath for image in L.misplaced(ws, None, limit=100_000)}
+    mislabeled = {r.relpath for r in L.current_labels(ws) if classes[r.relpath] != r.label}
+
+    # 2. in each label, select the images of each wrong class together and move them
+    picked = 0
+    for summary in L.list_labels(ws):
+        wrong: dict[str, list[int]] = defaultdict(list)
+        for image in L.label_images(ws, summary.id, limit=10_000):
+            if classes[image.relpath] != summary.name:
+                wrong[classes[image.relpath]].append(image.image_id)
+        for cls, ids in sorted(wrong.items()):
+            L.move(ws, ids, cls, actor="oracle")
+            actions["move"] += 1
+            picked += len(ids)
+    final = _accuracy(ws, classes)
+    if final != 1.0:
+        raise AssertionError(f"the oracle ended at {final:.1%} correct, not 100%")
+    n_images = len(L.current_labels(ws))
+    total = sum(actions.values())
+    return {
+        "images": n_images,
+        "actions": dict(actions),
+        "total": total,
+        "per_action": n_images / total,
+        "after_renames": after_renames,
+        "picked": picked,
+        "flagged": len(flagged),
+        "flag_precision": len(flagged & mislabeled) / max(1, len(flagged)),
+        "flag_recall": len(flagged & mislabeled) / max(1, len(mislabeled)),
+        "purity": sorted(purity.values()),
+        "classes_without_cluster": sorted(set(classes.values()) - set(majority.values())),
+    }
+
+
+def _accuracy(ws: Workspace, classes: dict[str, str]) -> float:
+    rows = L.current_labels(ws)
+    return sum(classes[r.relpath] == r.label for r in rows) / len(rows)
+
+
+def scale(n: int, n_labels: int = 50) -> list[tuple[str, float]]:
+    """Seconds of the app's label queries and one move at ``n`` images (synthetic vectors)."""
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace(Path(tmp) / "ws", create=True)
+        sha = [f"{i:064x}" for i in range(n)]
+        with ws.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO images(relpath, sha256, status) VALUES (?, ?, 'ok')",
+                ((f"img{i:07d}.jpg", sha[i]) for i in range(n)),
+            )
+        centres = rng.normal(size=(n_labels, 256)).astype(np.float32)
+        which = rng.integers(n_labels, size=n)
+        vectors = centres[which] + rng.normal(scale=0.8, size=(n, 256)).astype(np.float32)
+        save_vectors(ws, "synthetic", sha, vectors)
+        run = cluster(ws, "synthetic", n_labels)
+        timings: list[tuple[str, float]] = []
+
+        def timed(name: str, fn) -> object:  # type: ignore[no-untyped-def]
+            start = time.perf_counter()
+            value = fn()
+            timings.append((name, time.perf_counter() - start))
+            return value
+
+        timed(
+            "baseline: cluster_members page (60)", lambda: cluster_members(ws, run.id, 3, limit=60)
+        )
+        timed("start_session", lambda: L.start_session(ws, run.id, actor="bench"))
+        timed("first list_labels (computes geometry)", lambda: L.list_labels(ws))
+        timed("list_labels", lambda: L.list_labels(ws))
+        timed("label_images page (60, typicality)", lambda: L.label_images(ws, 3, limit=60))
+        timed(
+            "label_images page 10 (offset 540)", lambda: L.label_images(ws, 3, offset=540, limit=60)
+        )
+        timed("misplaced (60)", lambda: L.misplaced(ws, 3, 60))
+        ids = [im.image_id for im in L.label_images(ws, 3, limit=20)]
+        timed("move 20 images", lambda: L.move(ws, ids, "moved", actor="bench"))
+        timed("list_labels after the move (geometry)", lambda: L.list_labels(ws))
+        timed("undo", lambda: L.undo(ws, actor="bench"))
+        timed("merge 2 labels", lambda: L.merge(ws, [5, 6], actor="bench"))
+        timed("current_labels (export rows)", lambda: L.current_labels(ws))
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workspace", type=Path, default=Path("/tmp/imgcluster-bench-annotate"))
+    parser.add_argument("--scale", type=int, default=0, help="Also time queries at N images.")
+    args = parser.parse_args()
+    if not (DATASET / "labels.csv").exists():
+        raise SystemExit(f"{DATASET} not found (it lives in ../shared beside the project)")
+    ws, run_id = prepare(args.workspace)
+    result = simulate(ws, run_id)
+    acts = result["actions"]
+    print(f"dataset            {DATASET} ({result['images']} images, 10 classes)")
+    print(f"clustering         run {run_id}: {BACKBONE}, k={K}, default settings")
+    print(f"cluster purity     {', '.join(f'{p:.0%}' for p in result['purity'])}")
+    print(f"classes w/o a cluster of their own: {result['classes_without_cluster'] or 'none'}")
+    print(f"after renames      {result['after_renames']:.1%} correct")
+    print(
+        f"actions to 100%    {result['total']} (rename {acts.get('rename', 0)}, "
+        f"merge {acts.get('merge', 0)}, move {acts.get('move', 0)})"
+    )
+    print(f"images picked      {result['picked']} moved in those {acts.get('move', 0)} moves")
+    print(
+        f"misplaced() view   after the renames flags {result['flagged']} images: "
+        f"{result['flag_precision']:.0%} of them really are misplaced, "
+        f"{result['flag_recall']:.0%} of the misplaced are flagged"
+    )
+    print(
+        f"images per action  {result['per_action']:.1f} "
+        f"(baseline, one photo at a time: 1.0; ratio {result['per_action']:.1f}x)"
+    )
+    if args.scale:
+        timings = scale(args.scale)
+        base = timings[0][1]
+        print(f"\nqueries at {args.scale} images, 50 labels (seconds; ratio to the baseline)")
+        for name, seconds in timings:
+            print(f"  {name:42s} {seconds:8.3f}  {seconds / base:8.1f}x")
+
+
+if __name__ == "__main__":
+    main()

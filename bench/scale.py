@@ -1,0 +1,189 @@
+"""A 100,000-image workspace stays usable: labeling operations time and peak memory.
+
+The workspace is built through the library's own storage: image rows inserted in the images
+table (no files: labeling never opens them), and synthetic L2-normalised 1280-d vectors (Gaussian
+blobs, so clusters mean something) stored with `save_vectors` in shards of 10,000 as extraction
+would. Then, in this one process, as the app would call them:
+
+* ``cluster k=K``: the first clustering (load vectors, PCA, fit, silhouettes, store);
+* ``start labeling``: every cluster becomes a label;
+* ``label list`` (first: computes every image's typicality/misfit geometry; then warm);
+* ``page a label``: the first page (60, most typical first), a page deep in the biggest label,
+  the worst-fit page, and the "misplaced" list across labels;
+* ``move 1,000 images`` to another label, and the ``label list`` right after (geometry
+  recomputed once for the change);
+* ``undo`` of that move;
+* ``re-cluster (change k)``: `cluster` with k=K2 (the app's k slider), re-clustering the
+  unconfirmed images around the labels (`recluster_unconfirmed`), and restarting labeling
+  from the new run.
+
+Baseline: `load_features` of all N vectors, warm (the floor for anything that reads every vector);
+each operation's time is also shown as a ratio to it. Peak RSS (``ru_maxrss``) must stay under
+4 GB.
+
+Usage::
+
+    python bench/scale.py [--n 100000] [--k 20] [--k2 25] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgcluster import labels
+from imgcluster.clustering import cluster
+from imgcluster.features import load_features, save_vectors
+from imgcluster.workspace import Workspace
+
+BACKBONE = "synthetic"
+DIM = 1280
+SHARD = 10_000
+RSS_LIMIT_GB = 4.0
+#: "Finishes in under a few seconds on 2 cores" (issue 8), per interactive operation.
+TARGET_SECONDS = 3.0
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def synthetic_vectors(rng: np.random.Generator, centres: np.ndarray, n: int) -> np.ndarray:
+    """Unit vectors around random ``centres`` (cosine ~0.8 to their centre)."""
+    which = rng.integers(len(centres), size=n)
+    noise = rng.normal(scale=0.75 / np.sqrt(DIM), size=(n, DIM)).astype(np.float32)
+    out = centres[which] + noise
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def build_workspace(path: Path, n: int, *, blobs: int = 40, seed: int = 0) -> Workspace:
+    """``n`` image rows and their vectors, stored through the library's own API."""
+    ws = Workspace(path / "ws", create=True)
+    (path / "photos").mkdir(exist_ok=True)
+    ws.set_collection_root(path / "photos")
+    shas = [hashlib.sha256(f"image {i}".encode()).hexdigest() for i in range(n)]
+    with ws.transaction() as conn:
+        conn.executemany(
+            "INSERT INTO images(relpath, sha256, size, mtime_ns, width, height, format, status) "
+            "VALUES (?, ?, 20000, 1, 640, 480, 'JPEG', 'ok')",
+            ((f"batch{i // 1000:03d}/photo_{i:06d}.jpg", sha) for i, sha in enumerate(shas)),
+        )
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(blobs, DIM)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    for start in range(0, n, SHARD):
+        chunk = shas[start : start + SHARD]
+        save_vectors(ws, BACKBONE, chunk, synthetic_vectors(rng, centres, len(chunk)))
+    return ws
+
+
+def _interactive(name: str) -> bool:
+    """Operations an annotator waits for (not the setup or the baseline)."""
+    return not name.startswith(("setup", "baseline"))
+
+
+class Table:
+    """Rows of (operation, seconds, ratio to the baseline, peak RSS so far)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float, float]] = []
+        self.baseline: float | None = None
+
+    def time(self, name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        value = fn()
+        seconds = time.perf_counter() - start
+        self.rows.append((name, seconds, peak_rss_gb()))
+        print(f"  {name:44s} {seconds:8.3f} s", file=sys.stderr, flush=True)
+        return value
+
+    def print(self, n: int) -> None:
+        base = self.baseline or float("nan")
+        print(f"\n{n:,} images, {DIM}-d vectors; baseline = load all vectors "
+              f"({base:.3f} s)\n")
+        print("| operation | seconds | x baseline | peak RSS (GB) |")
+        print("|---|---:|---:|---:|")
+        for name, seconds, rss in self.rows:
+            flag = " (slow)" if seconds > TARGET_SECONDS and _interactive(name) else ""
+            print(f"| {name}{flag} | {seconds:.3f} | {seconds / base:.2f} | {rss:.2f} |")
+        print(f"\npeak RSS {peak_rss_gb():.2f} GB (limit {RSS_LIMIT_GB:.0f} GB)")
+
+
+def run(n: int, k: int, k2: int, folder: Path) -> Table:
+    table = Table()
+    ws = table.time(f"setup: {n:,} image rows + vectors", lambda: build_workspace(folder, n))
+
+    def baseline() -> None:
+        load_features(ws, BACKBONE)
+
+    table.time("setup: load all vectors (cold)", baseline)
+    table.time("baseline: load all vectors", baseline)
+    table.baseline = table.rows[-1][1]
+    first_run = table.time(f"cluster k={k} (first)", lambda: cluster(ws, BACKBONE, k))
+    table.time("start labeling", lambda: labels.start_session(ws, first_run.id, actor="bench"))
+    table.time("label list (first: geometry)", lambda: labels.list_labels(ws))
+    summary = table.time("label list", lambda: labels.list_labels(ws))
+    biggest = max(summary, key=lambda s: s.count)
+    table.time("page a label: first 60", lambda: labels.label_images(ws, biggest.id))
+    deep = max(0, biggest.count - 60)
+    table.time("page a label: last 60", lambda: labels.label_images(ws, biggest.id, offset=deep))
+    table.time("page a label: worst fit 60",
+               lambda: labels.label_images(ws, biggest.id, order="misfit"))
+    table.time("misplaced across labels (60)", lambda: labels.misplaced(ws))
+
+    rng = random.Random(0)
+    with ws.read() as conn:
+        ids = [r[0] for r in conn.execute("SELECT id FROM images")]
+    chosen = rng.sample(ids, 1000)
+    target = summary[1].id if summary[0].id == biggest.id else summary[0].id
+    table.time("move 1,000 images",
+               lambda: labels.move(ws, chosen, target, actor="bench"))
+    table.time("label list after the move", lambda: labels.list_labels(ws))
+    table.time("undo the move", lambda: labels.undo(ws, actor="bench"))
+    table.time("label list after undo", lambda: labels.list_labels(ws))
+
+    second = table.time(f"re-cluster: cluster k={k2}", lambda: cluster(ws, BACKBONE, k2))
+    table.time("re-cluster unconfirmed (+3 labels)",
+               lambda: labels.recluster_unconfirmed(ws, 3, actor="bench"))
+    table.time("label list after re-cluster", lambda: labels.list_labels(ws))
+    table.time(f"restart labeling from k={k2}",
+               lambda: labels.start_session(ws, second.id, actor="bench", replace=True))
+    table.time("label list (new session)", lambda: labels.list_labels(ws))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=100_000, help="number of images")
+    parser.add_argument("--k", type=int, default=20, help="first clustering's k")
+    parser.add_argument("--k2", type=int, default=25, help="k of the re-clustering")
+    parser.add_argument("--keep", type=Path, help="build the workspace here and keep it")
+    args = parser.parse_args(argv)
+    folder = args.keep or Path(tempfile.mkdtemp(prefix="imgcluster-scale-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        table = run(args.n, args.k, args.k2, folder)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    table.print(args.n)
+    slow = [name for name, s, _ in table.rows if s > TARGET_SECONDS and _interactive(name)]
+    if slow:
+        print(f"slower than {TARGET_SECONDS:.0f} s: {', '.join(slow)}")
+    return 1 if peak_rss_gb() >= RSS_LIMIT_GB else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

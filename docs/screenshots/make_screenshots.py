@@ -1,0 +1,163 @@
+"""Take the README's screenshots of the Clusters and Label pages from the real app.
+
+Builds a workspace from the clothing photos (``../shared/datasets/clothing``, 600 real product
+photos), computes features, clusters them, waits for the UMAP map, names each label after the
+kind of product most of its images show (as an annotator would), then runs
+``streamlit run app.py`` and photographs the pages in headless Chromium::
+
+    python docs/screenshots/make_screenshots.py [--k 10] [--out docs/screenshots]
+
+Takes about three minutes on two cores (UMAP's first run dominates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[2]
+CLOTHING = PROJECT.parent / "shared" / "datasets" / "clothing"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+
+def build_workspace(home: Path, k: int) -> None:
+    from imgcluster import labels as lb
+    from imgcluster.clustering import cluster
+    from imgcluster.features import extract
+    from imgcluster.images import ingest
+    from imgcluster.projection import compute_projection
+    from imgcluster.workspace import Workspace
+
+    ws = Workspace(home / "clothing", create=True)
+    ingest(ws, CLOTHING)
+    extract(ws)
+    run = cluster(ws, "efficientnet-lite0", k)
+    lb.start_session(ws, run.id, actor="demo")
+    compute_projection(ws, "efficientnet-lite0", "umap")
+    with open(CLOTHING / "labels.csv", newline="", encoding="utf-8") as fh:
+        truth = {row["path"]: row["label"] for row in csv.DictReader(fh)}
+    taken: Counter[str] = Counter()
+    for summary in sorted(lb.list_labels(ws), key=lambda s: -s.count):
+        members = lb.label_images(ws, summary.id, limit=10_000)
+        kind = Counter(truth.get(m.relpath, "other") for m in members).most_common(1)[0][0]
+        taken[kind] += 1
+        name = kind if taken[kind] == 1 else f"{kind} {taken[kind]}"
+        lb.rename(ws, summary.id, name, actor="demo")
+
+
+def serve(home: Path) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "IMGCLUSTER_WORKSPACES": str(home)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(PROJECT / "app.py"),
+         "--server.port", str(port), "--server.headless", "true"],
+        cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/_stcore/health",
+                                                                   timeout=2):
+            return proc, url
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("streamlit did not start")
+
+
+SELECT_LABEL = "t-shirt"
+BOX_OF_TRACE = """(name) => {
+    const gd = document.querySelector('[data-testid="stPlotlyChart"] .js-plotly-plot');
+    const trace = gd._fullData.find((t) => t.name === name);
+    const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+    const xs = Array.from(trace.x, (v) => xa.l2p(v) + xa._offset);
+    const ys = Array.from(trace.y, (v) => ya.l2p(v) + ya._offset);
+    const r = gd.getBoundingClientRect();
+    return {x0: r.left + Math.min(...xs), x1: r.left + Math.max(...xs),
+            y0: r.top + Math.min(...ys), y1: r.top + Math.max(...ys)};
+}"""
+
+
+def settle(page) -> None:  # a playwright Page
+    page.wait_for_timeout(500)
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]',
+                           timeout=120_000)
+    page.wait_for_timeout(800)
+
+
+def photograph(url: str, out: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                     args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000},
+                                device_scale_factor=1)
+        page.goto(f"{url}/clusters?ws=clothing")
+        settle(page)
+        chart = page.get_by_test_id("stPlotlyChart").first
+        chart.hover()
+        chart.locator('.modebar-btn[data-title="Box Select"]').click()
+        # A box around one label's points (their screen positions from Plotly's own axes).
+        box = page.evaluate(BOX_OF_TRACE, SELECT_LABEL)
+        page.mouse.move(box["x0"] - 12, box["y0"] - 12)
+        page.mouse.down()
+        page.mouse.move(box["x1"] + 12, box["y1"] + 12, steps=15)
+        page.mouse.up()
+        settle(page)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(out / "clusters.png"))
+
+        page.set_viewport_size({"width": 1440, "height": 1280})
+        page.get_by_test_id("stSidebarNav").get_by_role("link", name="Label").click()
+        settle(page)
+        page.get_by_role("combobox", name="Label", exact=True).click()
+        page.keyboard.type("shoes")
+        page.keyboard.press("Enter")
+        settle(page)
+        page.get_by_text("Worst fit first").click()
+        settle(page)
+        page.get_by_test_id("stCheckbox").first.click()  # the worst fit, to show the tools
+        settle(page)
+        page.mouse.move(5, 5)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.wait_for_timeout(600)
+        page.screenshot(path=str(out / "label.png"))
+        browser.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=PROJECT / "docs" / "screenshots")
+    args = parser.parse_args()
+    if not (CLOTHING / "labels.csv").exists():
+        sys.exit(f"{CLOTHING} not found")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="imgcluster-shots-") as tmp:
+        home = Path(tmp)
+        build_workspace(home, args.k)
+        proc, url = serve(home)
+        try:
+            photograph(url, args.out)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+    print(f"wrote {args.out / 'clusters.png'} and {args.out / 'label.png'}")
+
+
+if __name__ == "__main__":
+    main()

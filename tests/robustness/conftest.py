@@ -1,0 +1,11 @@
+"""Robustness tests drive the app with AppTest; keep them from starting UMAP workers that would
+outlive the test run (the projection has tests of its own)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _no_umap_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGCLUSTER_UMAP", "0")
