@@ -50,6 +50,7 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
+from imgcluster._process import pid_alive
 from imgcluster.errors import ExportError
 from imgcluster.workspace import Workspace
 
@@ -1029,19 +1030,9 @@ def _remove_abandoned_zips(target: Path) -> None:
     """
     for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
         pid_text = stale.name[len(target.name) + 2 :].split(".", 1)[0]
-        if pid_text.isdigit() and _process_alive(int(pid_text)):
+        if pid_text.isdigit() and pid_alive(int(pid_text)):
             continue
         stale.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _zip_tree(zf: zipfile.ZipFile, root: Path) -> None:

@@ -1745,28 +1745,19 @@ def _refresh_geometry(ws: Workspace, session: sqlite3.Row, version: int) -> None
             rows = np.searchsorted(table[:, 0], ids)
             new[rows] = _geometry(space, table[rows, 1], table[rows, 2].astype(bool))
         updates = _changed_geometry(table[:, 0], old, new, sid)
-    # Derived data, written outside `Workspace.transaction` on purpose: every reader computes
-    # the same values, so bumping the revision would only invalidate caches for nothing.
-    conn = ws.connect()
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            now = conn.execute("SELECT version FROM label_sessions WHERE id = ?", (sid,)).fetchone()
-            if now is not None and now[0] == version:
-                conn.executemany(
-                    "UPDATE image_labels SET distance = ?, margin = ?, silhouette = ?, "
-                    "poor_fit = ?, alt_label_id = ? WHERE session_id = ? AND image_id = ?",
-                    updates,
-                )
-                conn.execute(
-                    "UPDATE label_sessions SET geometry_version = ? WHERE id = ?", (version, sid)
-                )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-    finally:
-        conn.close()
+    # Derived data: every reader computes the same values, so bumping the revision would only
+    # invalidate caches for nothing.
+    with ws.transaction(bump_revision=False) as conn:
+        now = conn.execute("SELECT version FROM label_sessions WHERE id = ?", (sid,)).fetchone()
+        if now is not None and now[0] == version:
+            conn.executemany(
+                "UPDATE image_labels SET distance = ?, margin = ?, silhouette = ?, "
+                "poor_fit = ?, alt_label_id = ? WHERE session_id = ? AND image_id = ?",
+                updates,
+            )
+            conn.execute(
+                "UPDATE label_sessions SET geometry_version = ? WHERE id = ?", (version, sid)
+            )
 
 
 def _changed_geometry(

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from imgcluster._process import pid_alive
 from imgcluster.clustering import fingerprint, pca_reduce
 from imgcluster.features import FeatureMatrix, l2_normalize, load_features
 from imgcluster.workspace import Workspace, atomic_write
@@ -211,7 +212,7 @@ class ProjectionJob:
     def running(self) -> bool:
         if self.process is not None:
             return self.process.poll() is None
-        return _pid_alive(self.pid)
+        return pid_alive(self.pid)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the worker exits (tests, CLI); True if it has exited."""
@@ -259,7 +260,7 @@ def start_background_projection(
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             other = _read_pid(lock)
-            if other is not None and _pid_alive(other):
+            if other is not None and pid_alive(other):
                 return ProjectionJob(other, lock, log)
             if other is None and time.time() - _mtime(lock) < 10:
                 # Another caller created the lock an instant ago and is writing its pid.
@@ -302,7 +303,7 @@ def projection_status(workspace: Workspace, backbone: str) -> str:
     if job is not None and job.running():
         return "running"
     pid = _read_pid(lock) if lock.exists() else None
-    if pid is not None and _pid_alive(pid):
+    if pid is not None and pid_alive(pid):
         return "running"
     log = lock.with_suffix(".log")
     if log.exists():
@@ -324,18 +325,6 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return 0.0
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _worker(argv: list[str] | None = None) -> int:

@@ -260,18 +260,21 @@ class Workspace:
             conn.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, bump_revision: bool = True) -> Iterator[sqlite3.Connection]:
         """One atomic write: ``BEGIN IMMEDIATE`` takes the write lock up front, so two processes
         serialise instead of failing halfway with "database is locked"; the revision counter is
-        bumped so cached readers keyed on it see the change."""
+        bumped so cached readers keyed on it see the change. ``bump_revision=False`` is for
+        derived data every reader would compute alike (invalidating caches would be waste)."""
         conn = self.connect()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
-                conn.execute(
-                    "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'"
-                )
+                if bump_revision:
+                    conn.execute(
+                        "UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
+                        "WHERE key = 'revision'"
+                    )
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
