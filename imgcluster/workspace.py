@@ -20,6 +20,7 @@ import contextlib
 import os
 import sqlite3
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,7 +287,7 @@ class Workspace:
         conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
         try:
             conn.execute("PRAGMA busy_timeout = 60000")
-            conn.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(conn)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -445,6 +446,25 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _enable_wal(conn: sqlite3.Connection, *, timeout: float = 60.0) -> None:
+    """Switch the database to WAL, waiting out a second opener.
+
+    Changing the journal mode needs an exclusive lock and SQLite reports "database is locked"
+    at once instead of calling the busy handler, so two processes creating the same workspace
+    at the same moment must retry here (seen in CI: two ingests started together).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _split_sql(script: str) -> list[str]:

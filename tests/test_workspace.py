@@ -74,3 +74,26 @@ def test_collection_root_is_fixed_and_paths_cannot_escape(tmp_path: Path) -> Non
     for hostile in ("../secret.jpg", "/etc/passwd", "a/../../x.jpg"):
         with pytest.raises(InvalidPath, match="outside the image collection"):
             ws.source_path(hostile)
+
+
+def _open_at_barrier(path: str, barrier) -> None:
+    barrier.wait()
+    Workspace(path, create=True)
+
+
+def test_processes_creating_one_workspace_at_the_same_moment(tmp_path: Path) -> None:
+    """Switching a new database to WAL is refused at once while another opener holds it;
+    every opener must still succeed (this failed in CI as "database is locked")."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(40):
+        barrier = ctx.Barrier(4)
+        path = str(tmp_path / f"ws{round_}")
+        procs = [ctx.Process(target=_open_at_barrier, args=(path, barrier)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=60)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0], f"round {round_}"
+        assert Workspace(path).schema_version == SCHEMA_VERSION
