@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from app_pages._common import md_escape
 from imgcluster import labels as lb
 from imgcluster.features import feature_counts
 from imgcluster.workspace import Workspace
+from pages._common import md_escape
 from tests.app.conftest import APP, PROJECT
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def ok(at: AppTest) -> AppTest:
 
 
 def page(at: AppTest, name: str) -> AppTest:
-    return ok(at.switch_page(f"app_pages/{name}.py").run())
+    return ok(at.switch_page(f"pages/{name}.py").run())
 
 
 def fresh(ws_name: str) -> AppTest:

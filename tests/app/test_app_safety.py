@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app_pages import _common as common
 from imgcluster.errors import InvalidPath
 from imgcluster.uploads import UploadRejected, extract_zip, safe_relpath, save_uploads
+from pages import _common as common
 
 
 def _png(color: tuple[int, int, int] = (200, 30, 30)) -> bytes:

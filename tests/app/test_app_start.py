@@ -40,7 +40,7 @@ def test_first_run_offers_the_sample_in_one_click(app_env: Path):
     again.query_params["ws"] = "sample"
     _ok(again.run())
     assert again.session_state["ws_path"] == str(ws.path)
-    _ok(again.switch_page("app_pages/images.py").run())
+    _ok(again.switch_page("pages/images.py").run())
     assert [m.value for m in again.metric][:2] == ["180", "0"]
     assert len(again.image) == 48  # the first page of thumbnails
     assert again.query_params["ws"] == "sample"  # kept across page switches
@@ -74,7 +74,7 @@ def test_server_folder_picker_creates_a_workspace_and_refuses_escapes(app_env: P
     ws = Workspace(app_env / "mine")
     assert ws.collection_root == photos
     assert ws.image_counts()["ok"] == 3
-    _ok(at.switch_page("app_pages/images.py").run())
+    _ok(at.switch_page("pages/images.py").run())
     table = at.dataframe[0].value
     assert list(table["file"]) == ["broken.jpg"]
     assert "corrupt image" in table["reason"][0] or "not an image" in table["reason"][0]
@@ -106,7 +106,7 @@ def test_upload_zip_creates_a_workspace_with_only_safe_images(app_env: Path):
     refused = at.dataframe[0].value
     assert set(refused["file"]) == {"../escape.png", "readme.txt"}
     # More images can be added to an upload workspace from the Images page.
-    _ok(at.switch_page("app_pages/images.py").run())
+    _ok(at.switch_page("pages/images.py").run())
     more = io.BytesIO()
     Image.new("RGB", (20, 20), (200, 10, 10)).save(more, format="PNG")
     at.file_uploader(key="images_upload_files").upload("red.png", more.getvalue(), "image/png")
@@ -117,7 +117,7 @@ def test_upload_zip_creates_a_workspace_with_only_safe_images(app_env: Path):
 def test_pages_explain_when_no_workspace_is_open(app_env: Path):
     at = _ok(_app().run())
     for page in ("images", "features", "clusters", "label", "export"):
-        _ok(at.switch_page(f"app_pages/{page}.py").run())
+        _ok(at.switch_page(f"pages/{page}.py").run())
         assert "No workspace is open" in at.info[0].value
 
 
@@ -129,7 +129,7 @@ def test_file_names_are_never_markup(app_env: Path, tmp_path: Path, name: str):
     at = _ok(_app().run())
     at.text_input(key="start_folder").input("odd")
     _ok(at.button(key="start_folder_create").click().run())
-    _ok(at.switch_page("app_pages/images.py").run())
+    _ok(at.switch_page("pages/images.py").run())
     assert not at.get("html")
     captions = [img.proto.imgs[0].caption for img in at.image]
     assert captions and all("<script>" not in c for c in captions)

@@ -17,8 +17,8 @@ from tests.robustness.corpus import make_corpus
 from tests.robustness.helpers import PROJECT
 from tests.robustness.invariants import problems
 
-PAGES = ["app_pages/images.py", "app_pages/features.py", "app_pages/clusters.py",
-         "app_pages/label.py", "app_pages/export.py"]
+PAGES = ["pages/images.py", "pages/features.py", "pages/clusters.py",
+         "pages/label.py", "pages/export.py"]
 
 
 def _ok(at: AppTest) -> AppTest:
@@ -47,7 +47,7 @@ def test_pages_render_the_hostile_corpus_and_extraction_reports_changes(
     for page in PAGES:
         _ok(at.switch_page(page).run())
 
-    _ok(at.switch_page("app_pages/features.py").run())
+    _ok(at.switch_page("pages/features.py").run())
     _ok(at.button(key="features_extract").click().run())
     assert not at.error, [e.value for e in at.error]
     # one_pixel.png and its symlink alias, and wide.png: reported, not fatal.

@@ -91,8 +91,8 @@ def hostile_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 
 
 @pytest.mark.parametrize(
-    "page", ["app_pages/images.py", "app_pages/clusters.py", "app_pages/label.py",
-             "app_pages/export.py"]
+    "page", ["pages/images.py", "pages/clusters.py", "pages/label.py",
+             "pages/export.py"]
 )
 def test_names_are_never_rendered_as_html_or_markdown(
     hostile_ws: Workspace, page: str, monkeypatch: pytest.MonkeyPatch
@@ -139,7 +139,7 @@ def test_source_path_never_leaves_the_collection(tmp_path: Path, relpath: str) -
 
 
 def test_folder_picker_refuses_a_sibling_that_shares_the_root_prefix(tmp_path: Path) -> None:
-    common = pytest.importorskip("app_pages._common")
+    common = pytest.importorskip("pages._common")
     root = tmp_path / "photos"
     sibling = tmp_path / "photos-private"
     (root / "inside").mkdir(parents=True)

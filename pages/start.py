@@ -6,11 +6,13 @@ from pathlib import Path
 
 import streamlit as st
 
-from app_pages import _common as common
 from imgcluster.errors import InvalidPath
 from imgcluster.images import IMAGE_EXTENSIONS, ingest
 from imgcluster.uploads import save_uploads
 from imgcluster.workspace import DB_NAME, Workspace
+from pages import _common as common
+
+common.require_router()
 
 
 def create_and_ingest(dest: Path, source: Path | None, uploads: list | None = None) -> None:
@@ -125,7 +127,7 @@ def main() -> None:
         with st.container(border=True):
             st.markdown(f"**Open workspace:** {common.md_escape(ws.path.name)}")
             st.caption(common.md_escape(ws.path))
-            common.next_step("app_pages/images.py", "Continue with Images")
+            common.next_step("pages/images.py", "Continue with Images")
     sample_panel()
     st.subheader("Workspaces")
     tab_open, tab_folder, tab_upload = st.tabs(

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_pages import _common as common
-from app_pages import _views as views
 from imgcluster import labels as lb
 from imgcluster.workspace import Workspace
+from pages import _common as common
+from pages import _views as views
+
+common.require_router()
 
 PER_PAGE = 48
 COLUMNS = 8
@@ -283,7 +285,7 @@ def main() -> None:
     table = views.label_table(ws)
     if table is None:
         st.info("Labeling starts from clusters: choose k on the Clusters page first.")
-        st.page_link("app_pages/clusters.py", label="Clusters", icon=":material/arrow_back:")
+        st.page_link("pages/clusters.py", label="Clusters", icon=":material/arrow_back:")
         return
     summary = label_picker(table)
     views.history_bar(ws, key="label")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_pages import _common as common
 from imgcluster.backbones import Backbone, list_backbones
 from imgcluster.workspace import Workspace
+from pages import _common as common
+
+common.require_router()
 
 
 def describe(backbone: Backbone) -> str:
@@ -50,7 +52,7 @@ def main() -> None:
     total = common.image_counts(*common.ws_key(ws))["ok"]
     if not total:
         st.info("No usable image in this workspace yet.")
-        st.page_link("app_pages/images.py", label="Images", icon=":material/arrow_back:")
+        st.page_link("pages/images.py", label="Images", icon=":material/arrow_back:")
         return
     done = common.feature_counts(*common.ws_key(ws))
     backbones = sorted(list_backbones(), key=lambda b: not b.offline)  # offline ones first
@@ -79,7 +81,7 @@ def main() -> None:
             f"All {total:,} images have {choice} features (stored; nothing to compute).",
             icon=":material/check_circle:",
         )
-        common.next_step("app_pages/clusters.py", "Next: clusters")
+        common.next_step("pages/clusters.py", "Next: clusters")
     else:
         label = "Compute features" if not have else f"Compute the {total - have:,} missing"
         if st.button(label, key="features_extract", type="primary", icon=":material/play_arrow:"):

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from app_pages import _common as common
 from imgcluster import labels as lb
 from imgcluster.errors import ImgclusterError, NoLabelSession
 from imgcluster.workspace import Workspace
+from pages import _common as common
 
 K_MAX = 200
 SELECTION_PREVIEW = 24

@@ -232,7 +232,7 @@ def require_workspace() -> Workspace:
     ws = current_workspace()
     if ws is None:
         st.info("No workspace is open. Open or create one first.", icon=":material/folder_open:")
-        next_step("app_pages/start.py", "Open or create a workspace")
+        next_step("pages/start.py", "Open or create a workspace")
         st.stop()
     return ws
 
@@ -560,3 +560,21 @@ def sidebar_picker() -> None:
             "steps. Kept in the page address.",
             bind="query-params",
         )
+
+
+def require_router() -> None:
+    """Make sure this page runs inside ``app.py``'s router; every page calls it first.
+
+    Streamlit (1.67) runs an app whose main script sits beside a ``pages/`` folder in its
+    legacy file-based mode until `st.navigation` is first called: the first request of a server
+    process to a deep link such as ``/label`` runs ``pages/label.py`` alone, without ``app.py``
+    (no sidebar, no workspace from the URL), and later runs would stay in that mode. Leaving
+    legacy mode and rerunning hands the request to ``app.py``, whose `st.navigation` resolves
+    the same page. (``PagesManager.uses_pages_directory`` is the flag `st.navigation` itself
+    clears; there is no public switch.)
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_pages import _common as common
 from imgcluster.images import IMAGE_EXTENSIONS, ingest
 from imgcluster.uploads import save_uploads
 from imgcluster.workspace import Workspace
+from pages import _common as common
+
+common.require_router()
 
 PER_PAGE = 48
 
@@ -78,7 +80,7 @@ def main() -> None:
     chunk = rows[(page - 1) * PER_PAGE : page * PER_PAGE]
     items = [(rel, sha, common.short_name(rel)) for _id, rel, sha in chunk]
     common.image_grid(ws, items, columns=8)
-    common.next_step("app_pages/features.py", "Next: compute features")
+    common.next_step("pages/features.py", "Next: compute features")
 
 
 main()

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import streamlit as st
 
-from app_pages import _common as common
 from imgcluster.errors import InvalidPath, NoLabelSession
 from imgcluster.export import MODES
 from imgcluster.workspace import Workspace
+from pages import _common as common
+
+common.require_router()
 
 SPLITS = {
     "none": "No split: one folder per label",
@@ -134,7 +136,7 @@ def main() -> None:
                             None if split == "none" else split, int(seed))
         except NoLabelSession:
             st.info("Nothing to export yet: labels start on the Clusters page.")
-            st.page_link("app_pages/clusters.py", label="Clusters", icon=":material/arrow_back:")
+            st.page_link("pages/clusters.py", label="Clusters", icon=":material/arrow_back:")
             return
         st.dataframe(table, hide_index=True, width="stretch")
     if st.button("Export", key="export_go", type="primary", icon=":material/output:"):

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_pages import _common as common
-from app_pages import _views as views
 from imgcluster.workspace import Workspace
+from pages import _common as common
+from pages import _views as views
+
+common.require_router()
 
 K_KEY = f"{common.VIEW_PREFIX}k"
 
@@ -88,7 +90,7 @@ def main() -> None:
     n = common.feature_counts(*common.ws_key(ws)).get(backbone, 0)
     if n < 3:
         st.info(f"Compute {backbone} features first.")
-        st.page_link("app_pages/features.py", label="Features", icon=":material/arrow_back:")
+        st.page_link("pages/features.py", label="Features", icon=":material/arrow_back:")
         return
     k_max = min(views.K_MAX, n - 1)
     k = k_controls(k_max, views.default_k(ws, backbone, k_max))
@@ -126,7 +128,7 @@ def main() -> None:
         st.plotly_chart(views.sizes_figure(table), key="clusters_sizes",
                         config={"displayModeBar": False})
     suggestion_panel(ws, backbone, n)
-    common.next_step("app_pages/label.py", "Next: review each label")
+    common.next_step("pages/label.py", "Next: review each label")
 
 
 main()
