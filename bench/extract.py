@@ -188,8 +188,10 @@ def main() -> None:
         for key, (_label, run) in variants.items():
             rates[key].append(run())
         load = os.getloadavg()[0]
-        print(f"  repetition {rep + 1} (load {load:.1f}): "
-              + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()))
+        print(
+            f"  repetition {rep + 1} (load {load:.1f}): "
+            + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items())
+        )
 
     med = {k: statistics.median(v) for k, v in rates.items()}
     print()
@@ -212,8 +214,10 @@ def main() -> None:
         random_ws = Workspace(tmp / f"random{seed}", create=True)
         ingest(random_ws, args.dataset)
         extract(random_ws, BACKBONE, weights=None, runtime="keras")
-        print(f"NMI, KMeans k=10 seed 0, random-weights {BACKBONE} (init seed {seed}): "
-              f"{nmi_of(random_ws, labels):.3f}")
+        print(
+            f"NMI, KMeans k=10 seed 0, random-weights {BACKBONE} (init seed {seed}): "
+            f"{nmi_of(random_ws, labels):.3f}"
+        )
 
 
 if __name__ == "__main__":

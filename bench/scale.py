@@ -111,8 +111,7 @@ class Table:
 
     def print(self, n: int) -> None:
         base = self.baseline or float("nan")
-        print(f"\n{n:,} images, {DIM}-d vectors; baseline = load all vectors "
-              f"({base:.3f} s)\n")
+        print(f"\n{n:,} images, {DIM}-d vectors; baseline = load all vectors ({base:.3f} s)\n")
         print("| operation | seconds | x baseline | peak RSS (GB) |")
         print("|---|---:|---:|---:|")
         for name, seconds, rss in self.rows:
@@ -139,8 +138,9 @@ def run(n: int, k: int, k2: int, folder: Path) -> Table:
     table.time("page a label: first 60", lambda: labels.label_images(ws, biggest.id))
     deep = max(0, biggest.count - 60)
     table.time("page a label: last 60", lambda: labels.label_images(ws, biggest.id, offset=deep))
-    table.time("page a label: worst fit 60",
-               lambda: labels.label_images(ws, biggest.id, order="misfit"))
+    table.time(
+        "page a label: worst fit 60", lambda: labels.label_images(ws, biggest.id, order="misfit")
+    )
     table.time("misplaced across labels (60)", lambda: labels.misplaced(ws))
 
     rng = random.Random(0)
@@ -148,18 +148,21 @@ def run(n: int, k: int, k2: int, folder: Path) -> Table:
         ids = [r[0] for r in conn.execute("SELECT id FROM images")]
     chosen = rng.sample(ids, 1000)
     target = summary[1].id if summary[0].id == biggest.id else summary[0].id
-    table.time("move 1,000 images",
-               lambda: labels.move(ws, chosen, target, actor="bench"))
+    table.time("move 1,000 images", lambda: labels.move(ws, chosen, target, actor="bench"))
     table.time("label list after the move", lambda: labels.list_labels(ws))
     table.time("undo the move", lambda: labels.undo(ws, actor="bench"))
     table.time("label list after undo", lambda: labels.list_labels(ws))
 
     second = table.time(f"re-cluster: cluster k={k2}", lambda: cluster(ws, BACKBONE, k2))
-    table.time("re-cluster unconfirmed (+3 labels)",
-               lambda: labels.recluster_unconfirmed(ws, 3, actor="bench"))
+    table.time(
+        "re-cluster unconfirmed (+3 labels)",
+        lambda: labels.recluster_unconfirmed(ws, 3, actor="bench"),
+    )
     table.time("label list after re-cluster", lambda: labels.list_labels(ws))
-    table.time(f"restart labeling from k={k2}",
-               lambda: labels.start_session(ws, second.id, actor="bench", replace=True))
+    table.time(
+        f"restart labeling from k={k2}",
+        lambda: labels.start_session(ws, second.id, actor="bench", replace=True),
+    )
     table.time("label list (new session)", lambda: labels.list_labels(ws))
     return table
 

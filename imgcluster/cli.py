@@ -69,9 +69,7 @@ def open_workspace(path: Path) -> Workspace:
 
 
 @cli.command()
-@click.argument(
-    "image_dir", type=click.Path(exists=True, file_okay=False, path_type=Path)
-)
+@click.argument("image_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @workspace_option
 def ingest(image_dir: Path, workspace_path: Path) -> None:
     """Scan IMAGE_DIR, validate every image, make thumbnails; re-runs add only new files."""
@@ -171,23 +169,34 @@ def export(
 @cli.command()
 @workspace_option
 @click.option(
-    "--backbone", default="efficientnet-lite0", show_default=True,
+    "--backbone",
+    default="efficientnet-lite0",
+    show_default=True,
     help="CNN backbone (efficientnet-lite0/1/2, vgg16, resnet50, efficientnetb0, ...).",
 )
 @click.option(
-    "--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
     help="Images per stored batch; an interrupted run loses at most one.",
 )
 @click.option(
-    "--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    "--weights",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
     help="Local weights file instead of the backbone's pretrained ImageNet weights.",
 )
 @click.option(
-    "--runtime", type=click.Choice(["auto", "tflite", "keras"]), default="auto",
-    show_default=True, help="tflite: converted once and cached, fastest on CPU; keras: fallback.",
+    "--runtime",
+    type=click.Choice(["auto", "tflite", "keras"]),
+    default="auto",
+    show_default=True,
+    help="tflite: converted once and cached, fastest on CPU; keras: fallback.",
 )
 @click.option(
-    "--nearest-resize", is_flag=True,
+    "--nearest-resize",
+    is_flag=True,
     help="Resize with NEAREST like the original VGG16 recipe (only to reproduce it).",
 )
 def extract(
@@ -204,8 +213,13 @@ def extract(
     ws = open_workspace(workspace_path)
     with progress_bar(f"extract {backbone}") as bar:
         report = extract_features(
-            ws, backbone, batch_size=batch_size, weights=weights or "default",
-            progress=bar, runtime=runtime, nearest_resize=nearest_resize,
+            ws,
+            backbone,
+            batch_size=batch_size,
+            weights=weights or "default",
+            progress=bar,
+            runtime=runtime,
+            nearest_resize=nearest_resize,
         )
     click.echo(f"images     {report.total}")
     click.echo(f"extracted  {report.extracted}   shared by duplicates {report.shared}")
@@ -228,20 +242,31 @@ def extract(
 @workspace_option
 @click.option("--k", "k", type=click.IntRange(2, 200), required=True, help="Number of clusters.")
 @click.option(
-    "--backbone", default="efficientnet-lite0", show_default=True,
+    "--backbone",
+    default="efficientnet-lite0",
+    show_default=True,
     help="Backbone whose extracted features are clustered.",
 )
 @click.option(
-    "--algorithm", type=click.Choice(["auto", "kmeans", "minibatch"]), default="auto",
-    show_default=True, help="auto: exact KMeans up to 20,000 images, MiniBatchKMeans above.",
+    "--algorithm",
+    type=click.Choice(["auto", "kmeans", "minibatch"]),
+    default="auto",
+    show_default=True,
+    help="auto: exact KMeans up to 20,000 images, MiniBatchKMeans above.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option(
-    "--preprocess", type=click.Choice(["l2", "pca", "pca-whiten", "umap"]), default=None,
+    "--preprocess",
+    type=click.Choice(["l2", "pca", "pca-whiten", "umap"]),
+    default=None,
     help="Space to cluster in (default: the benchmarked default, pca).",
 )
 def cluster_command(
-    workspace_path: Path, k: int, backbone: str, algorithm: str, seed: int,
+    workspace_path: Path,
+    k: int,
+    backbone: str,
+    algorithm: str,
+    seed: int,
     preprocess: str | None,
 ) -> None:
     """Cluster the images by their features into K groups and print the cluster sizes.
@@ -253,8 +278,13 @@ def cluster_command(
     ws = open_workspace(workspace_path)
     with progress_bar("cluster") as bar:
         run = cluster(
-            ws, backbone, k, algorithm=algorithm, seed=seed,
-            preprocess=preprocess or DEFAULT_PREPROCESS, progress=bar,
+            ws,
+            backbone,
+            k,
+            algorithm=algorithm,
+            seed=seed,
+            preprocess=preprocess or DEFAULT_PREPROCESS,
+            progress=bar,
         )
     misfits = run.misfits
     click.echo(
@@ -269,7 +299,9 @@ def cluster_command(
 @cli.command(name="suggest-k")
 @workspace_option
 @click.option(
-    "--backbone", default="efficientnet-lite0", show_default=True,
+    "--backbone",
+    default="efficientnet-lite0",
+    show_default=True,
     help="Backbone whose extracted features are used.",
 )
 @click.option("--min", "k_min", type=click.IntRange(min=2), default=2, show_default=True)
@@ -289,7 +321,11 @@ def suggest_k_command(
         raise click.BadParameter(f"--max {k_max} is below --min {k_min}", param_hint="--max")
     with progress_bar("suggest-k") as bar:
         result = suggest_k(
-            open_workspace(workspace_path), k_min, k_max, backbone=backbone, seed=seed,
+            open_workspace(workspace_path),
+            k_min,
+            k_max,
+            backbone=backbone,
+            seed=seed,
             progress=bar,
         )
     click.echo("    k  silhouette  inertia")
@@ -300,6 +336,7 @@ def suggest_k_command(
 
 
 # -- labels -----------------------------------------------------------------------------------
+
 
 def _default_actor() -> str:
     import os

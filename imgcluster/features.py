@@ -166,7 +166,6 @@ def feature_counts(workspace: Workspace) -> dict[str, int]:
         }
 
 
-
 def delete_features(workspace: Workspace, backbone: str) -> int:
     """Forget every stored vector of ``backbone`` (e.g. to re-extract with other weights).
 
@@ -179,9 +178,12 @@ def delete_features(workspace: Workspace, backbone: str) -> int:
         Number of vectors deleted.
     """
     with workspace.transaction() as conn:
-        files = [row[0] for row in conn.execute(
-            "SELECT file FROM feature_shards WHERE backbone = ?", (backbone,)
-        )]
+        files = [
+            row[0]
+            for row in conn.execute(
+                "SELECT file FROM feature_shards WHERE backbone = ?", (backbone,)
+            )
+        ]
         n = conn.execute("DELETE FROM features WHERE backbone = ?", (backbone,)).rowcount
         conn.execute("DELETE FROM feature_shards WHERE backbone = ?", (backbone,))
         conn.execute("DELETE FROM meta WHERE key = ?", (_fingerprint_key(backbone),))
@@ -192,6 +194,7 @@ def delete_features(workspace: Workspace, backbone: str) -> int:
 
 def _fingerprint_key(backbone: str) -> str:
     return f"features.{backbone}.fingerprint"
+
 
 # -- extraction pipeline ----------------------------------------------------------------------
 #
@@ -356,9 +359,7 @@ class _TFLiteRunner:
 
     name = "tflite"
 
-    def __init__(
-        self, path: Path, size: int, *, interpreters: int, threads_each: int = 1
-    ) -> None:
+    def __init__(self, path: Path, size: int, *, interpreters: int, threads_each: int = 1) -> None:
         self._free: queue.SimpleQueue[_Interpreter] = queue.SimpleQueue()
         for _ in range(interpreters):
             self._free.put(_Interpreter(path, size, threads_each))
@@ -883,8 +884,11 @@ def _load_content(
             continue
         if hashlib.sha256(data).hexdigest() != sha256:
             failures.append(
-                (relpath, "changed: the file's content differs from when it was ingested "
-                          "(run `imgcluster ingest` again)")
+                (
+                    relpath,
+                    "changed: the file's content differs from when it was ingested "
+                    "(run `imgcluster ingest` again)",
+                )
             )
             continue
         try:

@@ -328,9 +328,7 @@ def ingest(
         progress(0, total)
     batch: list[_Outcome] = []
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) + 2)) as pool:
-        for done, outcome in enumerate(
-            pool.map(lambda f: _examine(f, workspace), todo), start=1
-        ):
+        for done, outcome in enumerate(pool.map(lambda f: _examine(f, workspace), todo), start=1):
             batch.append(outcome)
             if len(batch) >= 64:
                 _store(workspace, batch, known, report)

@@ -90,9 +90,7 @@ def safe_relpath(name: str) -> PurePosixPath:
 
 def _check_image_name(rel: PurePosixPath) -> None:
     if rel.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise UploadRejected(
-            f"not an image file (allowed: {', '.join(sorted(IMAGE_EXTENSIONS))})"
-        )
+        raise UploadRejected(f"not an image file (allowed: {', '.join(sorted(IMAGE_EXTENSIONS))})")
 
 
 def _unique_destination(target: Path, rel: PurePosixPath) -> Path:
@@ -253,8 +251,9 @@ def extract_zip(
             if info.is_dir():
                 continue
             try:
-                _extract_entry(zf, info, target, base, report, max_file_bytes, max_ratio,
-                               max_total_bytes)
+                _extract_entry(
+                    zf, info, target, base, report, max_file_bytes, max_ratio, max_total_bytes
+                )
             except UploadRejected as exc:
                 report.rejected.append((info.filename, str(exc)))
     return report

@@ -273,8 +273,7 @@ class Workspace:
                 yield conn
                 if bump_revision:
                     conn.execute(
-                        "UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
-                        "WHERE key = 'revision'"
+                        "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'"
                     )
                 conn.execute("COMMIT")
             except BaseException:

@@ -67,10 +67,14 @@ def allowed_roots() -> list[Path]:
     directory and the bundled ``sample_data/``.
     """
     env = os.environ.get("IMGCLUSTER_ALLOWED_ROOTS", "")
-    raw = [p for p in env.split(os.pathsep) if p.strip()] if env.strip() else [
-        os.getcwd(),
-        str(APP_DIR / "sample_data"),
-    ]
+    raw = (
+        [p for p in env.split(os.pathsep) if p.strip()]
+        if env.strip()
+        else [
+            os.getcwd(),
+            str(APP_DIR / "sample_data"),
+        ]
+    )
     roots: list[Path] = []
     for item in raw:
         path = Path(item).resolve()
@@ -398,7 +402,7 @@ def short_name(relpath: str, limit: int = 28) -> str:
     if len(name) <= limit:
         return name
     head = (limit - 1) // 2
-    return name[:head] + "…" + name[-(limit - 1 - head):]
+    return name[:head] + "…" + name[-(limit - 1 - head) :]
 
 
 def image_grid(

@@ -31,9 +31,30 @@ NEW_LABEL_TEXT = "+ New label…"
 # Qualitative colours that stay distinct on white; labels keep their colour by id, so a rename
 # or a move does not repaint the map.
 PALETTE = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-    "#bcbd22", "#17becf", "#393b79", "#e6550d", "#31a354", "#756bb1", "#636363", "#3182bd",
-    "#fd8d3c", "#74c476", "#9e9ac8", "#969696", "#6baed6", "#fdae6b", "#a1d99b", "#bcbddc",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#393b79",
+    "#e6550d",
+    "#31a354",
+    "#756bb1",
+    "#636363",
+    "#3182bd",
+    "#fd8d3c",
+    "#74c476",
+    "#9e9ac8",
+    "#969696",
+    "#6baed6",
+    "#fdae6b",
+    "#a1d99b",
+    "#bcbddc",
 )
 
 
@@ -110,17 +131,22 @@ def ensure_labels(ws: Workspace, backbone: str, k: int) -> None:
         )
         cols = st.columns(3)
         cols[0].button(
-            f"Start over with k = {k}", key="clusters_restart", type="primary",
+            f"Start over with k = {k}",
+            key="clusters_restart",
+            type="primary",
             on_click=_callback(_restart, ws, backbone, k),
         )
         if session.backbone == backbone and session_k and k > session_k:
             cols[1].button(
-                f"Add {k - session_k} clusters from unconfirmed images", key="clusters_add",
+                f"Add {k - session_k} clusters from unconfirmed images",
+                key="clusters_add",
                 on_click=_callback(_add_clusters, ws, k - session_k),
             )
         cols[2].button(
-            f"Keep my labels (k = {session_k})", key="clusters_keep",
-            on_click=_set_k, args=(session_k,),
+            f"Keep my labels (k = {session_k})",
+            key="clusters_keep",
+            on_click=_set_k,
+            args=(session_k,),
         )
 
 
@@ -217,11 +243,15 @@ def history_bar(ws: Workspace, key: str) -> None:
     """Undo / Redo (this annotator's own steps) and the last step."""
     cols = st.columns([1, 1, 6], vertical_alignment="center")
     cols[0].button(
-        "Undo", key=f"{key}_undo", icon=":material/undo:",
+        "Undo",
+        key=f"{key}_undo",
+        icon=":material/undo:",
         on_click=_callback(lambda: lb.undo(ws, actor=actor()).summary),
     )
     cols[1].button(
-        "Redo", key=f"{key}_redo", icon=":material/redo:",
+        "Redo",
+        key=f"{key}_redo",
+        icon=":material/redo:",
         on_click=_callback(lambda: lb.redo(ws, actor=actor()).summary),
     )
     try:
@@ -235,8 +265,14 @@ def history_bar(ws: Workspace, key: str) -> None:
         )
 
 
-def _move(ws: Workspace, ids: Sequence[int], target_key: str, new_key: str,
-          shown: dict[int, int] | None, after: Callable[[], None] | None) -> str:
+def _move(
+    ws: Workspace,
+    ids: Sequence[int],
+    target_key: str,
+    new_key: str,
+    shown: dict[int, int] | None,
+    after: Callable[[], None] | None,
+) -> str:
     target = st.session_state.get(target_key)
     if target is NEW_LABEL:
         target = (st.session_state.get(new_key) or "").strip()
@@ -268,7 +304,9 @@ def move_form(
     cols = st.columns([1] if compact else [2, 2, 1], vertical_alignment="bottom")
     target_col, name_col, go_col = (cols[0], cols[0], cols[0]) if compact else cols
     target = target_col.selectbox(
-        "Move to label", options, key=f"{key}_target",
+        "Move to label",
+        options,
+        key=f"{key}_target",
         format_func=lambda o: NEW_LABEL_TEXT if o is NEW_LABEL else o,
     )
     if target is NEW_LABEL:
@@ -290,12 +328,18 @@ def suggestion_figure(curve):
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=curve.ks, y=curve.silhouette, mode="lines+markers",
-                             name="silhouette"))
+    fig.add_trace(
+        go.Scatter(x=curve.ks, y=curve.silhouette, mode="lines+markers", name="silhouette")
+    )
     for k in curve.best[:1]:
         fig.add_vline(x=k, line_dash="dot", line_color="#2563eb")
-    fig.update_layout(height=260, margin=dict(l=10, r=10, t=10, b=10),
-                      xaxis_title="k", yaxis_title="silhouette", showlegend=False)
+    fig.update_layout(
+        height=260,
+        margin=dict(l=10, r=10, t=10, b=10),
+        xaxis_title="k",
+        yaxis_title="silhouette",
+        showlegend=False,
+    )
     return fig
 
 
@@ -353,7 +397,8 @@ def umap_notice(ws: Workspace, backbone: str) -> None:
         status = _umap_status(ws, backbone)
         if status == "ready":
             st.button(
-                "The UMAP map is ready: show it", key="clusters_show_umap",
+                "The UMAP map is ready: show it",
+                key="clusters_show_umap",
                 icon=":material/refresh:",
                 on_click=lambda: st.session_state.__setitem__(
                     f"{common.VIEW_PREFIX}map_umap_seen", True
@@ -393,8 +438,9 @@ def scatter(ws: Workspace, backbone: str, table: LabelTable, n_features: int) ->
                 y=proj.coords[rows, 1],
                 mode="markers",
                 name=common.plot_text(name),
-                marker=dict(size=7, color=color(label_id) if label_id >= 0 else "#bbbbbb",
-                            opacity=0.85),
+                marker=dict(
+                    size=7, color=color(label_id) if label_id >= 0 else "#bbbbbb", opacity=0.85
+                ),
                 # User text only ever goes in as data, escaped; never into the template.
                 # The label is the trace's name, so each point carries only its file name.
                 customdata=[common.plot_text(relpath_of.get(i, ("?",))[0]) for i in ids],
@@ -409,8 +455,11 @@ def scatter(ws: Workspace, backbone: str, table: LabelTable, n_features: int) ->
         uirevision=f"{ws.path}:{backbone}:{proj.method}",  # keep zoom when colours change
         legend=dict(itemsizing="constant"),
         title=f"{proj.method.upper()} map of {len(proj.image_ids):,} images"
-        + (f" (a sample of {len(rows_shown):,} shown)" if len(rows_shown) < len(proj.image_ids)
-           else ""),
+        + (
+            f" (a sample of {len(rows_shown):,} shown)"
+            if len(rows_shown) < len(proj.image_ids)
+            else ""
+        ),
         xaxis=dict(showticklabels=False, showgrid=False, zeroline=False, title=None),
         yaxis=dict(showticklabels=False, showgrid=False, zeroline=False, title=None),
     )

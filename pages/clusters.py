@@ -30,12 +30,21 @@ def k_controls(k_max: int, default: int) -> int:
             st.session_state[key] = k
     left, right = st.columns([5, 1], vertical_alignment="bottom")
     left.slider(
-        "Number of clusters (k)", 2, k_max, key=f"{K_KEY}_slider",
-        on_change=_sync_k, args=(f"{K_KEY}_slider",),
+        "Number of clusters (k)",
+        2,
+        k_max,
+        key=f"{K_KEY}_slider",
+        on_change=_sync_k,
+        args=(f"{K_KEY}_slider",),
     )
     right.number_input(
-        "k", 2, k_max, step=1, key=f"{K_KEY}_input",
-        on_change=_sync_k, args=(f"{K_KEY}_input",),
+        "k",
+        2,
+        k_max,
+        step=1,
+        key=f"{K_KEY}_input",
+        on_change=_sync_k,
+        args=(f"{K_KEY}_input",),
     )
     return k
 
@@ -48,8 +57,11 @@ def suggestion_panel(ws: Workspace, backbone: str, n: int) -> None:
             "expect matters more: take this as a hint."
         )
         if not st.session_state.get(flag):
-            st.button("Compute the curve", key="clusters_suggest",
-                      on_click=lambda: st.session_state.__setitem__(flag, True))
+            st.button(
+                "Compute the curve",
+                key="clusters_suggest",
+                on_click=lambda: st.session_state.__setitem__(flag, True),
+            )
             return
         with common.guard(), st.spinner("Clustering for each k..."):
             curve = views.k_suggestion(str(ws.path), backbone, n)
@@ -57,8 +69,9 @@ def suggestion_panel(ws: Workspace, backbone: str, n: int) -> None:
             if curve.best:
                 best = curve.best[0]
                 st.caption(f"Best by silhouette: k = {', '.join(map(str, curve.best))}")
-                st.button(f"Use k = {best}", key="clusters_use_best",
-                          on_click=views._set_k, args=(best,))
+                st.button(
+                    f"Use k = {best}", key="clusters_use_best", on_click=views._set_k, args=(best,)
+                )
 
 
 def selection_panel(ws: Workspace, ids: list[int], table: views.LabelTable) -> None:
@@ -67,7 +80,10 @@ def selection_panel(ws: Workspace, ids: list[int], table: views.LabelTable) -> N
     label_of = dict(zip(table.image_ids.tolist(), table.label_ids.tolist(), strict=True))
     names = table.name_of()
     views.move_form(
-        ws, ids, table.names, key="clusters_move",
+        ws,
+        ids,
+        table.names,
+        key="clusters_move",
         shown={i: label_of[i] for i in ids if i in label_of},
         after=views.clear_map_selection,
         compact=True,
@@ -111,7 +127,8 @@ def main() -> None:
             icon=":material/fiber_new:",
         )
         st.button(
-            "Give them the label of their nearest labeled neighbours", key="clusters_suggest_new",
+            "Give them the label of their nearest labeled neighbours",
+            key="clusters_suggest_new",
             on_click=views.callback(views.suggest_new, ws),
         )
     common.start_projection(ws, backbone)
@@ -123,10 +140,13 @@ def main() -> None:
             with st.container(border=True):
                 selection_panel(ws, ids, table)
         else:
-            st.caption("Select images with the box or lasso tool (top right of the map) to "
-                       "see them here and move them to a label.")
-        st.plotly_chart(views.sizes_figure(table), key="clusters_sizes",
-                        config={"displayModeBar": False})
+            st.caption(
+                "Select images with the box or lasso tool (top right of the map) to "
+                "see them here and move them to a label."
+            )
+        st.plotly_chart(
+            views.sizes_figure(table), key="clusters_sizes", config={"displayModeBar": False}
+        )
     suggestion_panel(ws, backbone, n)
     common.next_step("pages/label.py", "Next: review each label")
 

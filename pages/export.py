@@ -41,18 +41,24 @@ def preview(
     from imgcluster.export import plan_workspace_export
 
     plan = plan_workspace_export(
-        common.workspace(path), confirmed_only=confirmed_only, include_unsure=include_unsure,
-        split=split, seed=seed,
+        common.workspace(path),
+        confirmed_only=confirmed_only,
+        include_unsure=include_unsure,
+        split=split,
+        seed=seed,
     )
     table = []
-    for label, per_split in sorted(plan.counts.items(),
-                                   key=lambda item: plan.folders[item[0]].lower()):
+    for label, per_split in sorted(
+        plan.counts.items(), key=lambda item: plan.folders[item[0]].lower()
+    ):
         row = {"label": label, "folder": plan.folders[label], "images": sum(per_split.values())}
         if plan.splits:
             row |= per_split
         table.append(row)
-    table += [{"label": f"(left out: {why})", "folder": "", "images": n}
-              for why, n in sorted(plan.left_out.items())]
+    table += [
+        {"label": f"(left out: {why})", "folder": "", "images": n}
+        for why, n in sorted(plan.left_out.items())
+    ]
     return table
 
 
@@ -121,19 +127,29 @@ def main() -> None:
     with left:
         name = st.text_input("Export name", value="dataset", key="export_name", max_chars=64)
         split = st.radio("Split", list(SPLITS), format_func=SPLITS.__getitem__, key="export_split")
-        seed = st.number_input("Split seed", 0, 2**31 - 1, 0, key="export_seed",
-                               disabled=split == "none")
-        mode = st.radio("Files", list(MODES), format_func=MODE_HELP.__getitem__,
-                        key="export_mode", horizontal=False)
+        seed = st.number_input(
+            "Split seed", 0, 2**31 - 1, 0, key="export_seed", disabled=split == "none"
+        )
+        mode = st.radio(
+            "Files",
+            list(MODES),
+            format_func=MODE_HELP.__getitem__,
+            key="export_mode",
+            horizontal=False,
+        )
         confirmed_only = st.checkbox("Only confirmed images", key="export_confirmed_only")
         include_unsure = st.checkbox("Include images marked unsure", key="export_unsure")
-        overwrite = st.checkbox("Replace an earlier export with this name",
-                                key="export_overwrite")
+        overwrite = st.checkbox("Replace an earlier export with this name", key="export_overwrite")
     with right:
         st.subheader("Preview")
         try:
-            table = preview(*common.ws_key(ws), confirmed_only, include_unsure,
-                            None if split == "none" else split, int(seed))
+            table = preview(
+                *common.ws_key(ws),
+                confirmed_only,
+                include_unsure,
+                None if split == "none" else split,
+                int(seed),
+            )
         except NoLabelSession:
             st.info("Nothing to export yet: labels start on the Clusters page.")
             st.page_link("pages/clusters.py", label="Clusters", icon=":material/arrow_back:")
@@ -141,15 +157,18 @@ def main() -> None:
         st.dataframe(table, hide_index=True, width="stretch")
     if st.button("Export", key="export_go", type="primary", icon=":material/output:"):
         with common.guard():
-            run_export(ws, {
-                "name": name,
-                "mode": mode,
-                "split": None if split == "none" else split,
-                "seed": int(seed),
-                "confirmed_only": confirmed_only,
-                "include_unsure": include_unsure,
-                "overwrite": overwrite,
-            })
+            run_export(
+                ws,
+                {
+                    "name": name,
+                    "mode": mode,
+                    "split": None if split == "none" else split,
+                    "seed": int(seed),
+                    "confirmed_only": confirmed_only,
+                    "include_unsure": include_unsure,
+                    "overwrite": overwrite,
+                },
+            )
     if result := st.session_state.get(RESULT_KEY):
         show_result(result)
 

@@ -71,8 +71,7 @@ def _merge(ws: Workspace, label_id: int, version: int) -> str:
     others = st.session_state.get("label_merge_with") or []
     if not others:
         raise lb.UnknownCluster("choose the labels to merge into this one")
-    result = lb.merge(ws, [label_id, *others], into=label_id, actor=views.actor(),
-                      expected=version)
+    result = lb.merge(ws, [label_id, *others], into=label_id, actor=views.actor(), expected=version)
     st.session_state["label_merge_with"] = []
     return result.summary
 
@@ -130,29 +129,55 @@ def label_tools(
     others = {s.id: s.name for s in table.summaries if s.id != summary.id}
     bar = st.container(horizontal=True, vertical_alignment="center")
     with bar.popover("Rename", icon=":material/edit:"):
-        st.text_input("New name", key="label_rename_name", max_chars=lb.MAX_NAME_LENGTH,
-                      placeholder=summary.name)
-        st.button("Rename", key="label_rename", type="primary",
-                  on_click=views.callback(_rename, ws, summary.id, table.version))
+        st.text_input(
+            "New name",
+            key="label_rename_name",
+            max_chars=lb.MAX_NAME_LENGTH,
+            placeholder=summary.name,
+        )
+        st.button(
+            "Rename",
+            key="label_rename",
+            type="primary",
+            on_click=views.callback(_rename, ws, summary.id, table.version),
+        )
     with bar.popover("Merge", icon=":material/merge:"):
-        st.multiselect("Merge these labels into this one", list(others),
-                       format_func=others.__getitem__, key="label_merge_with")
-        st.button("Merge", key="label_merge", type="primary",
-                  on_click=views.callback(_merge, ws, summary.id, table.version))
+        st.multiselect(
+            "Merge these labels into this one",
+            list(others),
+            format_func=others.__getitem__,
+            key="label_merge_with",
+        )
+        st.button(
+            "Merge",
+            key="label_merge",
+            type="primary",
+            on_click=views.callback(_merge, ws, summary.id, table.version),
+        )
     with bar.popover("Split", icon=":material/call_split:"):
         st.number_input("Into how many labels", 2, 20, 2, key="label_split_n")
         st.caption("KMeans over the label's unconfirmed images; the largest part keeps the name.")
-        st.button("Split", key="label_split", type="primary",
-                  on_click=views.callback(_split, ws, summary.id, table.version))
+        st.button(
+            "Split",
+            key="label_split",
+            type="primary",
+            on_click=views.callback(_split, ws, summary.id, table.version),
+        )
     bar.button(
-        "Confirm label", key="label_confirm", icon=":material/verified:",
+        "Confirm label",
+        key="label_confirm",
+        icon=":material/verified:",
         help="Mark the label's images as checked (images marked unsure stay open).",
         # When the whole label is on the page, confirm exactly what was shown.
         on_click=views.callback(_confirm, ws, summary.id, shown),
     )
     if summary.count == 0:
-        bar.button("Delete label", key="label_delete", icon=":material/delete:",
-                       on_click=views.callback(_delete, ws, summary.id, table.version))
+        bar.button(
+            "Delete label",
+            key="label_delete",
+            icon=":material/delete:",
+            on_click=views.callback(_delete, ws, summary.id, table.version),
+        )
 
 
 def cell(ws: Workspace, item: lb.LabeledImage) -> None:
@@ -178,9 +203,14 @@ def cell(ws: Workspace, item: lb.LabeledImage) -> None:
         on_change=_toggle,
         args=(item.image_id, item.label_id),
     )
-    view.button(":material/open_in_full:", key=f"label_view_{item.image_id}", type="tertiary",
-                help="Larger view",
-                on_click=_open, args=(item.image_id,))
+    view.button(
+        ":material/open_in_full:",
+        key=f"label_view_{item.image_id}",
+        type="tertiary",
+        help="Larger view",
+        on_click=_open,
+        args=(item.image_id,),
+    )
 
 
 def grid(ws: Workspace, summary: lb.LabelSummary, order: str) -> list[lb.LabeledImage]:
@@ -188,8 +218,9 @@ def grid(ws: Workspace, summary: lb.LabelSummary, order: str) -> list[lb.Labeled
     page = 1
     if pages > 1:
         page = st.pagination(pages, key=f"{common.VIEW_PREFIX}label_page")
-    items = lb.label_images(ws, summary.id, offset=(page - 1) * PER_PAGE, limit=PER_PAGE,
-                            order=order)
+    items = lb.label_images(
+        ws, summary.id, offset=(page - 1) * PER_PAGE, limit=PER_PAGE, order=order
+    )
     for start in range(0, len(items), COLUMNS):
         cols = st.columns(COLUMNS)
         for col, item in zip(cols, items[start : start + COLUMNS], strict=False):
@@ -202,29 +233,49 @@ def selection_tools(ws: Workspace, table: views.LabelTable, items: list[lb.Label
     chosen = selected()
     with st.container(border=True):
         head = st.columns([3, 1, 1], vertical_alignment="center")
-        head[0].markdown(f"**{len(chosen):,} selected**" + (
-            "" if chosen else " · tick images below, or select the whole page"))
-        head[1].button("Select page", key="label_select_page", on_click=_select_page,
-                       args=(items,))
+        head[0].markdown(
+            f"**{len(chosen):,} selected**"
+            + ("" if chosen else " · tick images below, or select the whole page")
+        )
+        head[1].button("Select page", key="label_select_page", on_click=_select_page, args=(items,))
         head[2].button("Clear", key="label_select_none", on_click=clear_selection)
         if not chosen:
             return
-        views.move_form(ws, list(chosen), table.names, key="label_move", shown=dict(chosen),
-                        after=clear_selection)
+        views.move_form(
+            ws,
+            list(chosen),
+            table.names,
+            key="label_move",
+            shown=dict(chosen),
+            after=clear_selection,
+        )
         cols = st.columns(3)
-        cols[0].button("Exclude from export", key="label_exclude", icon=":material/block:",
-                       on_click=views.callback(_set_state, ws, "excluded"))
-        cols[1].button("Mark unsure", key="label_unsure", icon=":material/help:",
-                       on_click=views.callback(_set_state, ws, "unsure"))
-        cols[2].button("Back to normal", key="label_normal", icon=":material/restart_alt:",
-                       on_click=views.callback(_set_state, ws, "normal"))
+        cols[0].button(
+            "Exclude from export",
+            key="label_exclude",
+            icon=":material/block:",
+            on_click=views.callback(_set_state, ws, "excluded"),
+        )
+        cols[1].button(
+            "Mark unsure",
+            key="label_unsure",
+            icon=":material/help:",
+            on_click=views.callback(_set_state, ws, "unsure"),
+        )
+        cols[2].button(
+            "Back to normal",
+            key="label_normal",
+            icon=":material/restart_alt:",
+            on_click=views.callback(_set_state, ws, "normal"),
+        )
 
 
 def _move_to_neighbour(
     ws: Workspace, image_id: int, label_id: int, shown: dict[int, int] | None
 ) -> str:
-    return lb.move(ws, [image_id], label_id, create=False, actor=views.actor(),
-                   expected=shown).summary
+    return lb.move(
+        ws, [image_id], label_id, create=False, actor=views.actor(), expected=shown
+    ).summary
 
 
 def neighbour_grid(
@@ -246,14 +297,17 @@ def neighbour_grid(
         if n.label_id is None or n.label_id == label_id:
             return
         st.button(
-            "Use this label", key=f"label_focus_to_{n.image_id}", type="tertiary",
+            "Use this label",
+            key=f"label_focus_to_{n.image_id}",
+            type="tertiary",
             icon=":material/drive_file_move:",
             help=f"Move this image to {common.md_escape(n.label)}",
             on_click=views.callback(_move_to_neighbour, ws, image_id, n.label_id, shown),
         )
 
-    common.image_grid(ws, [(n.relpath, n.sha256, caption(n)) for n in neighbours], columns=6,
-                      cell=move_button)
+    common.image_grid(
+        ws, [(n.relpath, n.sha256, caption(n)) for n in neighbours], columns=6, cell=move_button
+    )
 
 
 @st.dialog("Image", width="large")
@@ -274,8 +328,12 @@ def focus_dialog(ws: Workspace, image_id: int, table: views.LabelTable) -> None:
     neighbour_grid(ws, image_id, label_id, shown)
     views.move_form(ws, [image_id], table.names, key="label_focus_move", shown=shown)
     if shown:
-        st.button("Exclude from export", key="label_focus_exclude", icon=":material/block:",
-                  on_click=views.callback(_set_state, ws, "excluded", shown))
+        st.button(
+            "Exclude from export",
+            key="label_focus_exclude",
+            icon=":material/block:",
+            on_click=views.callback(_set_state, ws, "excluded", shown),
+        )
 
 
 def main() -> None:
@@ -294,10 +352,17 @@ def main() -> None:
     # The tools sit above the grid but need what it shows: the grid is drawn first, into
     # the containers' order on the page.
     tools_box, selection_box = st.container(), st.container()
-    order = st.segmented_control(
-        "Order", list(ORDERS), format_func=ORDERS.__getitem__, default="typicality",
-        key=f"{common.VIEW_PREFIX}label_order", required=True,
-    ) or "typicality"
+    order = (
+        st.segmented_control(
+            "Order",
+            list(ORDERS),
+            format_func=ORDERS.__getitem__,
+            default="typicality",
+            key=f"{common.VIEW_PREFIX}label_order",
+            required=True,
+        )
+        or "typicality"
+    )
     items = grid(ws, summary, order)
     with tools_box:
         fits = summary.count <= len(items)

@@ -160,7 +160,10 @@ def test_extract_gives_unit_vectors_for_every_image_and_computes_duplicates_once
 
     assert report.runtime == "tflite"
     assert (report.total, report.extracted, report.shared, report.reused) == (
-        n_images, n_distinct, 2, 0,
+        n_images,
+        n_distinct,
+        2,
+        0,
     )
     assert report.failed == [] and report.without_vector == 0
     assert _stored_rows(ws)[:2] == (n_distinct, n_distinct)  # each content computed once
@@ -261,7 +264,10 @@ def test_killed_process_loses_at_most_the_batch_in_flight(
     )
     env = {**os.environ, CACHE_ENV: str(model_cache)}
     proc = subprocess.run(
-        [sys.executable, "-c", script, str(ws.path)], env=env, capture_output=True, timeout=300,
+        [sys.executable, "-c", script, str(ws.path)],
+        env=env,
+        capture_output=True,
+        timeout=300,
         cwd=PROJECT,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
@@ -297,7 +303,8 @@ def test_vanished_or_changed_files_are_reported_not_fatal(
     assert report.without_vector == 2
     # Nothing is stored for the lost contents; they stay on the work list for a re-ingest.
     assert set(missing_hashes(ws, LITE0)) == {
-        by_path["fmnist_00000.png"], by_path["fmnist_00003.png"]
+        by_path["fmnist_00000.png"],
+        by_path["fmnist_00003.png"],
     }
     fm = load_features(ws, LITE0)
     assert "zz_copy.png" in fm.relpaths and "fmnist_00003.png" not in fm.relpaths
@@ -307,7 +314,9 @@ def test_vanished_or_changed_files_are_reported_not_fatal(
 
 
 def test_tflite_vectors_match_keras(
-    tmp_path: Path, extractor: FeatureExtractor, keras_extractor: FeatureExtractor,
+    tmp_path: Path,
+    extractor: FeatureExtractor,
+    keras_extractor: FeatureExtractor,
     model_cache: Path,
 ) -> None:
     assert (extractor.runtime_, keras_extractor.runtime_) == ("tflite", "keras")
@@ -323,7 +332,9 @@ def test_tflite_vectors_match_keras(
 
 
 def test_auto_runtime_falls_back_to_keras_when_the_conversion_failed_its_check(
-    tmp_path: Path, extractor: FeatureExtractor, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    extractor: FeatureExtractor,
+    monkeypatch: pytest.MonkeyPatch,
     model_cache: Path,
 ) -> None:
     cache = tmp_path / "cache"

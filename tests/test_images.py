@@ -94,7 +94,10 @@ def test_every_bad_kind_is_recorded_with_reason(bad_folder: Path, tmp_path: Path
     assert report.found == 12
     assert report.ok == 8
     assert report.skipped == {
-        "corrupt image": 1, "empty file": 1, "not an image": 1, "image too large": 1
+        "corrupt image": 1,
+        "empty file": 1,
+        "not an image": 1,
+        "image too large": 1,
     }
     # Source images are only ever read.
     assert _hashes(bad_folder) == before
@@ -239,8 +242,7 @@ def test_two_processes_ingesting_at_once_stay_consistent(
     ctx = multiprocessing.get_context("spawn")
     ws_path = str(tmp_path / "ws")
     procs = [
-        ctx.Process(target=_ingest_in_process, args=(ws_path, str(clothing_dir)))
-        for _ in range(2)
+        ctx.Process(target=_ingest_in_process, args=(ws_path, str(clothing_dir))) for _ in range(2)
     ]
     for p in procs:
         p.start()
@@ -253,6 +255,7 @@ def test_two_processes_ingesting_at_once_stay_consistent(
         counts = conn.execute("SELECT COUNT(*), COUNT(DISTINCT relpath) FROM images").fetchone()
         assert tuple(counts) == (600, 600)
     assert ws.image_counts()["ok"] == 600
-    assert ws.images()[0].sha256 == hashlib.sha256(
-        (clothing_dir / ws.images()[0].relpath).read_bytes()
-    ).hexdigest()
+    assert (
+        ws.images()[0].sha256
+        == hashlib.sha256((clothing_dir / ws.images()[0].relpath).read_bytes()).hexdigest()
+    )

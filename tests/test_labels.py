@@ -629,11 +629,14 @@ def test_nearest_neighbours_by_cosine_without_the_image_and_its_duplicates(ws: W
     cosine = features.vectors @ features.vectors[7]
     order = [features.relpaths[r] for r in np.argsort(-cosine, kind="stable") if r != 7]
     with ws.transaction() as conn:  # an exact copy of the image, and one of its best match
-        conn.execute("INSERT INTO images(relpath, sha256, status) VALUES ('zz/copy.png', ?, 'ok')",
-                     (sha,))
+        conn.execute(
+            "INSERT INTO images(relpath, sha256, status) VALUES ('zz/copy.png', ?, 'ok')", (sha,)
+        )
         best_sha = features.sha256s[features.relpaths.index(order[0])]
-        conn.execute("INSERT INTO images(relpath, sha256, status) VALUES ('zz/twin.png', ?, 'ok')",
-                     (best_sha,))
+        conn.execute(
+            "INSERT INTO images(relpath, sha256, status) VALUES ('zz/twin.png', ?, 'ok')",
+            (best_sha,),
+        )
 
     found = L.nearest_neighbours(ws, query, limit=12)
     assert len(found) == 12
@@ -655,8 +658,9 @@ def test_nearest_neighbours_by_cosine_without_the_image_and_its_duplicates(ws: W
         n.image_id for n in found[:3]
     ]
     with ws.transaction() as conn:
-        conn.execute("INSERT INTO images(relpath, sha256, status) VALUES ('late.png', ?, 'ok')",
-                     ("f" * 64,))
+        conn.execute(
+            "INSERT INTO images(relpath, sha256, status) VALUES ('late.png', ?, 'ok')", ("f" * 64,)
+        )
     assert L.nearest_neighbours(ws, "late.png") == []
     with pytest.raises(UnknownImage):
         L.nearest_neighbours(ws, "no/such.png")

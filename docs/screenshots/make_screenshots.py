@@ -28,8 +28,14 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[2]
 CLOTHING = PROJECT.parent / "shared" / "datasets" / "clothing"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 
 
 def build_workspace(home: Path, k: int) -> None:
@@ -63,15 +69,29 @@ def serve(home: Path) -> tuple[subprocess.Popen[bytes], str]:
         port = sock.getsockname()[1]
     env = {**os.environ, "IMGCLUSTER_WORKSPACES": str(home)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(PROJECT / "app.py"),
-         "--server.port", str(port), "--server.headless", "true"],
-        cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(PROJECT / "app.py"),
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+        ],
+        cwd=PROJECT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/_stcore/health",
-                                                                   timeout=2):
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"{url}/_stcore/health", timeout=2),
+        ):
             return proc, url
         time.sleep(0.3)
     proc.kill()
@@ -93,8 +113,9 @@ BOX_OF_TRACE = """(name) => {
 
 def settle(page) -> None:  # a playwright Page
     page.wait_for_timeout(500)
-    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]',
-                           timeout=120_000)
+    page.wait_for_selector(
+        '[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=120_000
+    )
     page.wait_for_timeout(800)
 
 
@@ -102,10 +123,10 @@ def photograph(url: str, out: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                     args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 1000},
-                                device_scale_factor=1)
+        browser = pw.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
+        )
+        page = browser.new_page(viewport={"width": 1440, "height": 1000}, device_scale_factor=1)
         page.goto(f"{url}/clusters?ws=clothing")
         settle(page)
         chart = page.get_by_test_id("stPlotlyChart").first

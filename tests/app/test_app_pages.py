@@ -112,7 +112,9 @@ def test_map_selection_moves_to_a_new_label_and_asks_before_dropping_edits(home,
     at.session_state["view_scatter_0"] = {
         "selection": {
             "points": [{"curve_number": 0, "point_index": i} for i in range(3)],
-            "point_indices": [0, 1, 2], "box": [], "lasso": [],
+            "point_indices": [0, 1, 2],
+            "box": [],
+            "lasso": [],
         }
     }
     ok(at.run())
@@ -196,8 +198,7 @@ def test_larger_view_of_one_image_and_move_from_it(home, labeled):
     image = int(views[0].key.removeprefix("label_view_"))
     ok(views[0].click().run())
     assert at.selectbox(key="label_focus_move_target")  # the dialog's move form
-    relpath = next(i.relpath for i in lb.label_images(ws, label, limit=1000)
-                   if i.image_id == image)
+    relpath = next(i.relpath for i in lb.label_images(ws, label, limit=1000) if i.image_id == image)
     assert any(md_escape(relpath) in m.value for m in at.markdown)
     target = next(s for s in lb.list_labels(ws) if s.id != label and s.count)
     at.selectbox(key="label_focus_move_target").set_value(target.name)
@@ -230,8 +231,11 @@ def test_larger_view_shows_nearest_neighbours_and_takes_ones_label(home, labeled
         at = page(fresh("sample"), "label")
         ok(next(b for b in at.button if b.key == f"label_view_{image}").click().run())
         offered = [b for b in at.button if b.key and b.key.startswith("label_focus_to_")]
-    target = next(n for n in lb.nearest_neighbours(ws, image)
-                  if n.image_id == int(offered[0].key.removeprefix("label_focus_to_")))
+    target = next(
+        n
+        for n in lb.nearest_neighbours(ws, image)
+        if n.image_id == int(offered[0].key.removeprefix("label_focus_to_"))
+    )
     ok(offered[0].click().run())
     row = {r.image_id: r for r in lb.current_labels(ws)}[image]
     assert row.label == target.label and row.confirmed
@@ -257,9 +261,10 @@ def test_export_page_writes_folders_and_offers_the_zip(home, labeled):
     at = page(fresh("sample"), "export")
     preview = at.dataframe[0].value
     kept = preview[~preview["label"].str.startswith("(left out")]
-    assert kept["images"].sum() + preview[preview["label"] == "(left out: excluded)"][
-        "images"
-    ].sum() == 180
+    assert (
+        kept["images"].sum() + preview[preview["label"] == "(left out: excluded)"]["images"].sum()
+        == 180
+    )
     at.radio(key="export_split").set_value("0.8,0.2")
     ok(at.run())
     split_preview = at.dataframe[0].value

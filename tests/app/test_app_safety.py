@@ -121,7 +121,7 @@ def test_open_workspace_path_stays_inside_home_or_roots(tmp_path, monkeypatch):
 
 
 def test_md_escape_neutralises_markdown_and_html():
-    hostile = '<img src=x onerror=alert(1)> ![t](http://evil/t.png) [a](javascript:x) :red[x]\n# h'
+    hostile = "<img src=x onerror=alert(1)> ![t](http://evil/t.png) [a](javascript:x) :red[x]\n# h"
     escaped = common.md_escape(hostile)
     # Every character Markdown or Streamlit directives could act on is backslash-escaped.
     assert re.search(r"(?<!\\)[<>\[\]()!:#*_`]", escaped) is None
@@ -168,8 +168,13 @@ def test_zip_slip_and_absolute_entries_are_refused_and_nothing_escapes(tmp_path)
     report = extract_zip(archive, target, prefix="batch")
     assert report.saved == ["batch/good/a.png"]
     reasons = dict(report.rejected)
-    assert set(reasons) == {"../evil.png", "/abs.png", "good/../../evil2.png", "notes.txt",
-                            "__MACOSX/good/._a.png"}
+    assert set(reasons) == {
+        "../evil.png",
+        "/abs.png",
+        "good/../../evil2.png",
+        "notes.txt",
+        "__MACOSX/good/._a.png",
+    }
     assert "not an image file" in reasons["notes.txt"]
     assert _files_under(tmp_path) == {"ws/uploads/batch/good/a.png"}
 

@@ -73,8 +73,17 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, o
     log = ARTIFACTS / "streamlit-server.log"
     with open(log, "wb") as log_fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(PROJECT / "app.py"),
-             "--server.port", str(port), "--server.headless", "true"],
+            [
+                sys.executable,
+                "-m",
+                "streamlit",
+                "run",
+                str(PROJECT / "app.py"),
+                "--server.port",
+                str(port),
+                "--server.headless",
+                "true",
+            ],
             cwd=PROJECT,
             env=env,
             stdin=subprocess.DEVNULL,

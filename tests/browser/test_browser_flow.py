@@ -135,8 +135,7 @@ def test_05_box_select_and_move_to_new_label(browser_page, app_server):
     # A box over the left third of the map: on the sample images that is one or two groups.
     page.mouse.move(area["x"] + 2, area["y"] + 2)
     page.mouse.down()
-    page.mouse.move(area["x"] + area["width"] * 0.4, area["y"] + area["height"] * 0.98,
-                    steps=15)
+    page.mouse.move(area["x"] + area["width"] * 0.4, area["y"] + area["height"] * 0.98, steps=15)
     page.mouse.up()
     settle(page)
     header = page.get_by_text("images selected on the map")
@@ -200,8 +199,10 @@ def test_07_export_and_download(browser_page, app_server, tmp_path):
     info.value.save_as(saved)
     with zipfile.ZipFile(saved) as zf:
         names = zf.namelist()
-        assert sum(n.startswith(f"dataset/{RENAMED}/") and not n.endswith("/")
-                   for n in names) == n_selected
+        assert (
+            sum(n.startswith(f"dataset/{RENAMED}/") and not n.endswith("/") for n in names)
+            == n_selected
+        )
         manifest = zf.read("dataset/manifest.csv").decode("utf-8")
     assert len(list(csv.DictReader(io.StringIO(manifest)))) == 180
 
@@ -215,4 +216,3 @@ def test_08_reload_keeps_workspace_and_labels(browser_page, app_server):
     choose(page, "Label", RENAMED)
     shown = page.get_by_role("combobox", name="Label", exact=True).input_value()
     assert shown.startswith(f"{RENAMED} — ")
-

@@ -31,6 +31,11 @@ def imgcluster(*args: str, timeout: float = 300, **kwargs: object) -> subprocess
     """Run the real ``imgcluster`` CLI (this interpreter, this checkout) in a subprocess."""
     command = unprivileged([sys.executable, "-m", "imgcluster.cli", *args])
     return subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, check=False, cwd=PROJECT,
+        command,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=PROJECT,
         **kwargs,
     )

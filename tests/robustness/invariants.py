@@ -105,8 +105,10 @@ def _features(ws: Workspace, conn: sqlite3.Connection) -> list[str]:
             found.append(f"{where}: unreadable ({exc})")
             continue
         if array.shape != (shard["n_rows"], shard["dim"]) or array.dtype != np.float32:
-            found.append(f"{where}: {array.shape} {array.dtype}, recorded "
-                         f"({shard['n_rows']}, {shard['dim']}) float32")
+            found.append(
+                f"{where}: {array.shape} {array.dtype}, recorded "
+                f"({shard['n_rows']}, {shard['dim']}) float32"
+            )
             continue
         loaded[shard["id"]] = array
     for feat in conn.execute("SELECT backbone, sha256, shard_id, row FROM features"):
@@ -184,8 +186,11 @@ def audit_mismatches(ws: Workspace) -> list[str]:
         found.append(f"labels differ from the audit replay: {sorted(diff, key=str)[:5]}")
     replayed_images = {i: v for i, v in images.items() if v is not None}
     if replayed_images != current:
-        ids = {i for i in replayed_images.keys() | current.keys()
-               if replayed_images.get(i) != current.get(i)}
+        ids = {
+            i
+            for i in replayed_images.keys() | current.keys()
+            if replayed_images.get(i) != current.get(i)
+        }
         sample = [(i, replayed_images.get(i), current.get(i)) for i in sorted(ids)[:5]]
         found.append(f"{len(ids)} image labels differ from the audit replay, e.g. {sample}")
     return found

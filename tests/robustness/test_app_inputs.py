@@ -17,8 +17,13 @@ from tests.robustness.corpus import make_corpus
 from tests.robustness.helpers import PROJECT
 from tests.robustness.invariants import problems
 
-PAGES = ["pages/images.py", "pages/features.py", "pages/clusters.py",
-         "pages/label.py", "pages/export.py"]
+PAGES = [
+    "pages/images.py",
+    "pages/features.py",
+    "pages/clusters.py",
+    "pages/label.py",
+    "pages/export.py",
+]
 
 
 def _ok(at: AppTest) -> AppTest:

@@ -116,9 +116,17 @@ def test_odd_modes_give_the_vector_of_their_rgb_picture(
     assert float(_vector(ws, relpath) @ expected) > 0.99
 
 
-@pytest.mark.parametrize("relpath", ["one_pixel.png", "wide.png", "连衣裙/红色 连衣裙.jpg",
-                                     'new\nline "double" \'single\' `tick`.png',
-                                     "x.jpg/inside.png", "alias.png"])
+@pytest.mark.parametrize(
+    "relpath",
+    [
+        "one_pixel.png",
+        "wide.png",
+        "连衣裙/红色 连衣裙.jpg",
+        "new\nline \"double\" 'single' `tick`.png",
+        "x.jpg/inside.png",
+        "alias.png",
+    ],
+)
 def test_extreme_and_oddly_named_images_get_unit_vectors(extracted, relpath: str) -> None:
     _root, ws, _report = extracted
     vector = _vector(ws, relpath)
@@ -158,8 +166,12 @@ def test_links_swapped_in_after_ingest_are_reported_not_fatal(tmp_path: Path, ex
     and must not abort the extraction of the other images either."""
     root = tmp_path / "photos"
     root.mkdir()
-    for name, color in (("a.png", RED), ("b_link_out.png", GREEN), ("c_loop.png", BLUE),
-                        ("d.png", GREEN)):
+    for name, color in (
+        ("a.png", RED),
+        ("b_link_out.png", GREEN),
+        ("c_loop.png", BLUE),
+        ("d.png", GREEN),
+    ):
         (root / name).write_bytes(encode(solid(color, (20 + len(name), 20)), "PNG"))
     ws = Workspace(tmp_path / "ws", create=True)
     ingest(ws, root)
@@ -199,7 +211,9 @@ def _run_with_deadline(ws_path: Path, seconds: float):
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "imgcluster.cli", "extract", "--workspace", str(ws_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         out, err = proc.communicate(timeout=seconds)

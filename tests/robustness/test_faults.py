@@ -112,9 +112,11 @@ def _stored(ws: Workspace) -> tuple[dict[str, tuple[int, int]], dict[int, int]]:
                 "SELECT sha256, shard_id, row FROM features WHERE backbone = ?", (BACKBONE,)
             )
         }
-        shards = dict(conn.execute(
-            "SELECT id, n_rows FROM feature_shards WHERE backbone = ?", (BACKBONE,)
-        ).fetchall())
+        shards = dict(
+            conn.execute(
+                "SELECT id, n_rows FROM feature_shards WHERE backbone = ?", (BACKBONE,)
+            ).fetchall()
+        )
     return rows, shards
 
 
@@ -163,8 +165,14 @@ def test_extraction_killed_at_10_points_resumes_without_loss_or_redone_work(
         assert _unused_shard_rows(ws) == {}
 
     before, _shards = _stored(ws)
-    final = subprocess.run(_cli("extract", "--workspace", str(ws.path), "--batch-size", "4"),
-                           cwd=PROJECT, capture_output=True, text=True, timeout=300, check=False)
+    final = subprocess.run(
+        _cli("extract", "--workspace", str(ws.path), "--batch-size", "4"),
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert final.returncode == 0, final.stderr
     assert f"reused     {len(before)}" in final.stdout
     assert f"extracted  {n_images - len(before)} " in final.stdout
@@ -175,8 +183,10 @@ def test_extraction_killed_at_10_points_resumes_without_loss_or_redone_work(
     # At most the batch in flight per kill was thrown away.
     orphans = _orphan_shards(ws)
     assert len(orphans) <= KILLS
-    print(f"\nextract: {kills} kills in {runs} runs ({rounds + 1} rounds of {n_images} images); "
-          f"{len(orphans)} batch file(s) written but not committed when killed")
+    print(
+        f"\nextract: {kills} kills in {runs} runs ({rounds + 1} rounds of {n_images} images); "
+        f"{len(orphans)} batch file(s) written but not committed when killed"
+    )
 
     # The stored vectors are the right ones, wherever the kills fell.
     features = load_features(ws, BACKBONE)
@@ -195,10 +205,13 @@ def _synthetic_vectors(ws: Workspace, backbone: str, n_classes: int = 10) -> Non
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(n_classes, 64))
     shas = sorted({r.sha256 for r in ws.images()})
-    vectors = np.stack([
-        centres[int(sha[:8], 16) % n_classes] + 0.3 * np.random.default_rng(int(sha[:8], 16))
-        .normal(size=64) for sha in shas
-    ])
+    vectors = np.stack(
+        [
+            centres[int(sha[:8], 16) % n_classes]
+            + 0.3 * np.random.default_rng(int(sha[:8], 16)).normal(size=64)
+            for sha in shas
+        ]
+    )
     save_vectors(ws, backbone, shas, vectors)
 
 
@@ -213,8 +226,14 @@ def _tree(out: Path) -> dict[str, str]:
 
 def _building(folder: Path, stale: frozenset[Path] = frozenset()) -> Path | None:
     """The export's build folder beside OUT while there is one (not one left by a kill)."""
-    return next((p for p in folder.glob(".dataset.export-*") if p.is_dir()
-                 and not p.name.endswith(".old") and p not in stale), None)
+    return next(
+        (
+            p
+            for p in folder.glob(".dataset.export-*")
+            if p.is_dir() and not p.name.endswith(".old") and p not in stale
+        ),
+        None,
+    )
 
 
 def _count(folder: Path | None) -> int:
@@ -271,8 +290,9 @@ def test_export_killed_at_10_points_leaves_a_complete_export(
         assert expected != current
         zip_before = zipped.read_bytes()
         stale = frozenset(tmp_path.glob(".dataset.export-*"))  # left by the previous kill
-        proc = _popen(_cli("export", str(out), "--workspace", str(labeled_ws.path),
-                           "--overwrite", "--zip"))
+        proc = _popen(
+            _cli("export", str(out), "--workspace", str(labeled_ws.path), "--overwrite", "--zip")
+        )
         _wait_until(lambda: _building(tmp_path, stale) is not None, proc)  # noqa: B023
         if i % 3 == 1:  # while it copies: once the build holds a random number of entries
             wanted = rng.randint(0, 140)
@@ -295,9 +315,14 @@ def test_export_killed_at_10_points_leaves_a_complete_export(
         assert problems(labeled_ws) == []  # export only reads the workspace
     new = expected
 
-    final = subprocess.run(_cli("export", str(out), "--workspace", str(labeled_ws.path),
-                                "--overwrite", "--zip"),
-                           cwd=PROJECT, capture_output=True, text=True, timeout=300, check=False)
+    final = subprocess.run(
+        _cli("export", str(out), "--workspace", str(labeled_ws.path), "--overwrite", "--zip"),
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert final.returncode == 0, final.stderr
     assert _tree(out) == new
     assert _zip_ok(tmp_path / "dataset.zip")
@@ -399,8 +424,10 @@ def test_label_operations_killed_at_10_points_are_all_or_nothing(
     for i in range(KILLS):
         # Two annotators' processes at once, each killed at its own random moment.
         before = _audit_rows(labeled_ws)
-        procs = [_popen([sys.executable, "-c", _LABEL_WORKER, str(labeled_ws.path), str(seed)])
-                 for seed in (2 * i, 2 * i + 1)]
+        procs = [
+            _popen([sys.executable, "-c", _LABEL_WORKER, str(labeled_ws.path), str(seed)])
+            for seed in (2 * i, 2 * i + 1)
+        ]
         for proc in procs:
             # stderr: a buffered read of stdout here could swallow "done" lines that follow.
             lines = iter(proc.stderr.readline, "")

@@ -34,8 +34,13 @@ def _snapshot(root: Path) -> dict[str, tuple]:
             if stat.S_ISREG(st.st_mode) and st.st_size < 1 << 22 and os.access(path, os.R_OK):
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()
             key = os.fsencode(path.relative_to(root)).hex()
-            seen[key] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_size,
-                         st.st_mtime_ns, digest)
+            seen[key] = (
+                stat.S_IFMT(st.st_mode),
+                stat.S_IMODE(st.st_mode),
+                st.st_size,
+                st.st_mtime_ns,
+                digest,
+            )
     return seen
 
 

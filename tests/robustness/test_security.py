@@ -35,10 +35,32 @@ HOSTILE = [
 #: The same as file names ("/" cannot be part of one).
 HOSTILE_FILES = [name.replace("/", "_") for name in HOSTILE]
 #: Markdown-rendering element types of Streamlit's AppTest and the attributes holding text.
-MARKDOWN_ELEMENTS = ("markdown", "caption", "title", "header", "subheader", "success", "info",
-                     "warning", "error", "toast")
-WIDGETS = ("button", "checkbox", "toggle", "selectbox", "multiselect", "radio", "text_input",
-           "number_input", "expander", "tabs", "metric", "image")
+MARKDOWN_ELEMENTS = (
+    "markdown",
+    "caption",
+    "title",
+    "header",
+    "subheader",
+    "success",
+    "info",
+    "warning",
+    "error",
+    "toast",
+)
+WIDGETS = (
+    "button",
+    "checkbox",
+    "toggle",
+    "selectbox",
+    "multiselect",
+    "radio",
+    "text_input",
+    "number_input",
+    "expander",
+    "tabs",
+    "metric",
+    "image",
+)
 #: An HTML tag or a Markdown link that Markdown would act on (not backslash-escaped).
 LIVE_MARKUP = re.compile(r"(?<!\\)<[A-Za-z/!]|(?<!\\)\]\(")
 
@@ -91,8 +113,7 @@ def hostile_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 
 
 @pytest.mark.parametrize(
-    "page", ["pages/images.py", "pages/clusters.py", "pages/label.py",
-             "pages/export.py"]
+    "page", ["pages/images.py", "pages/clusters.py", "pages/label.py", "pages/export.py"]
 )
 def test_names_are_never_rendered_as_html_or_markdown(
     hostile_ws: Workspace, page: str, monkeypatch: pytest.MonkeyPatch
@@ -121,8 +142,8 @@ def test_names_are_never_rendered_as_html_or_markdown(
 
 
 @pytest.mark.parametrize(
-    "relpath", ["../secret.png", "/etc/passwd", "a/../../secret.png", "link_out/secret.png",
-                "loop.png"]
+    "relpath",
+    ["../secret.png", "/etc/passwd", "a/../../secret.png", "link_out/secret.png", "loop.png"],
 )
 def test_source_path_never_leaves_the_collection(tmp_path: Path, relpath: str) -> None:
     root = tmp_path / "photos"
@@ -145,8 +166,13 @@ def test_folder_picker_refuses_a_sibling_that_shares_the_root_prefix(tmp_path: P
     (root / "inside").mkdir(parents=True)
     sibling.mkdir()
     assert common.resolve_under("inside", [root]) == root / "inside"
-    for text in (str(sibling), "../photos-private", f"{root}/../photos-private", "~",
-                 "inside/../../photos-private"):
+    for text in (
+        str(sibling),
+        "../photos-private",
+        f"{root}/../photos-private",
+        "~",
+        "inside/../../photos-private",
+    ):
         with pytest.raises(InvalidPath):
             common.resolve_under(text, [root])
 
