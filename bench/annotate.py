@@ -17,6 +17,16 @@ be picked by hand, and how well the app's "looks misplaced" view (`labels.mispla
 at the wrong images after the renames. The run ends by checking that `current_labels` is 100%
 correct.
 
+With ``--variants`` it runs the same oracle for each pipeline variant (plain recipe: L2 vectors
++ KMeans; PCA default; refined UMAP space; the Lite0+Lite2 fusion in the refined space when
+the workspace holds Lite2 vectors), at the true k and at 2x the true k (over-cluster, then
+merge), without and with the gather tool (`labels.gather`: after the renames, for each label
+the oracle reviews its gathered grid, most likely first, and accepts the prefix that saves the
+most actions: one action for the grid plus one per wrong entry in it, against the step-2
+moves of every (label, class) group the accepted entries empty; passes repeat while a grid
+pays, at most 3), over ``--seeds`` KMeans seeds; it prints
+mean and spread of the actions and images per action.
+
 With ``--scale N`` it also times the app's queries and a move on a synthetic workspace of N
 images (default 100k) and 50 labels, against the clustering module's own page query
 (`imgcluster.clustering.cluster_members`) measured in the same run.
@@ -24,6 +34,7 @@ images (default 100k) and 50 labels, against the clustering module's own page qu
 Usage::
 
     python bench/annotate.py [--workspace /tmp/imgcluster-bench-annotate] [--scale 100000]
+    python bench/annotate.py --workspace WS --variants [--seeds 10]
 """
 
 from __future__ import annotations
@@ -64,7 +75,7 @@ def truth() -> dict[str, str]:
         return {row["path"]: row["label"] for row in csv.DictReader(fh)}
 
 
-def simulate(ws: Workspace, run_id: int) -> dict[str, object]:
+def simulate(ws: Workspace, run_id: int, *, use_gather: bool = False) -> dict[str, object]:
     """The oracle's session; returns the counts printed and written to bench/README.md."""
     classes = truth()
     L.start_session(ws, run_id, actor="oracle", replace=True)
@@ -97,17 +108,17 @@ def simulate(ws: Workspace, run_id: int) -> dict[str, object]:
     flagged = {image.relpath for image in L.misplaced(ws, None, limit=100_000)}
     mislabeled = {r.relpath for r in L.current_labels(ws) if classes[r.relpath] != r.label}
 
+    # 1b. gather the strays: accept the gathered grids while they save actions
+    shown: Counter[str] = Counter()
+    if use_gather:
+        for _pass in range(3):
+            gathered = _gather_pass(ws, classes, shown if not _pass else Counter())
+            actions.update(gathered)
+            if not gathered["gather"]:
+                break
+
     # 2. in each label, select the images of each wrong class together and move them
-    picked = 0
-    for summary in L.list_labels(ws):
-        wrong: dict[str, list[int]] = defaultdict(list)
-        for image in L.label_images(ws, summary.id, limit=10_000):
-            if classes[image.relpath] != summary.name:
-                wrong[classes[image.relpath]].append(image.image_id)
-        for cls, ids in sorted(wrong.items()):
-            L.move(ws, ids, cls, actor="oracle")
-            actions["move"] += 1
-            picked += len(ids)
+    picked = _group_moves(ws, classes, actions)
     final = _accuracy(ws, classes)
     if final != 1.0:
         raise AssertionError(f"the oracle ended at {final:.1%} correct, not 100%")
@@ -124,8 +135,117 @@ def simulate(ws: Workspace, run_id: int) -> dict[str, object]:
         "flag_precision": len(flagged & mislabeled) / max(1, len(flagged)),
         "flag_recall": len(flagged & mislabeled) / max(1, len(mislabeled)),
         "purity": sorted(purity.values()),
+        # first pass: share of the gathered first pages (60) that are of the label's class
+        "gather_precision": shown["right"] / max(1, shown["shown"]),
+        "gather_shown": shown["shown"],
         "classes_without_cluster": sorted(set(classes.values()) - set(majority.values())),
     }
+
+
+def _wrong_groups(ws: Workspace, classes: dict[str, str]) -> dict[tuple[int, str], list[int]]:
+    """``{(label id, true class): image ids}`` of every image not in its class's label."""
+    groups: dict[tuple[int, str], list[int]] = defaultdict(list)
+    for summary in L.list_labels(ws):
+        for image in L.label_images(ws, summary.id, limit=100_000):
+            if classes[image.relpath] != summary.name:
+                groups[(summary.id, classes[image.relpath])].append(image.image_id)
+    return groups
+
+
+def _group_moves(ws: Workspace, classes: dict[str, str], actions: Counter[str]) -> int:
+    """Step 2: one move per (label, wrong class) group; returns the images moved."""
+    picked = 0
+    for (_label, cls), ids in sorted(_wrong_groups(ws, classes).items()):
+        L.move(ws, ids, cls, actor="oracle")
+        actions["move"] += 1
+        picked += len(ids)
+    return picked
+
+
+def _gather_pass(ws: Workspace, classes: dict[str, str], shown: Counter[str]) -> Counter[str]:
+    """For each label, review its gathered grid (most likely first) and accept the prefix
+    that saves the most actions: one action for the grid plus one per wrong entry in it
+    (deselected, as fixing it by a move would cost), against the step-2 moves it makes
+    unnecessary (every (source label, class) group the accepted entries empty). A person
+    scrolls the grid and stops where it turns wrong the same way.
+    """
+    done: Counter[str] = Counter()
+    names = set(classes.values())
+    for summary in L.list_labels(ws):
+        if summary.name not in names:
+            continue
+        strays = L.gather(ws, summary.id, limit=60)
+        shown["shown"] += len(strays)
+        shown["right"] += sum(classes[s.relpath] == summary.name for s in strays)
+        if not strays:
+            continue
+        groups = _wrong_groups(ws, classes)
+        best, best_m = 0, 0
+        taken: Counter[int] = Counter()
+        wrong = 0
+        for m, stray in enumerate(strays, start=1):
+            if classes[stray.relpath] == summary.name:
+                taken[stray.label_id] += 1
+            else:
+                wrong += 1
+            drained = sum(n == len(groups.get((src, summary.name), ())) for src, n in taken.items())
+            if drained - 1 - wrong > best:
+                best, best_m = drained - 1 - wrong, m
+        if not best_m:
+            continue
+        prefix = strays[:best_m]
+        right = [s.image_id for s in prefix if classes[s.relpath] == summary.name]
+        L.accept_gathered(ws, summary.id, right, actor="oracle")
+        done["gather"] += 1
+        done["fix"] += best_m - len(right)
+    return done
+
+
+def variants(ws: Workspace, n_seeds: int) -> None:
+    """The oracle's actions per pipeline variant, k and gather tool (mean ± std over seeds)."""
+    n_classes = len(set(truth().values()))
+    fused = f"{BACKBONE}+efficientnet-lite2"
+    grid = [("refined space", BACKBONE, "umap")]
+    if feature_counts(ws).get("efficientnet-lite2", 0):
+        grid.append(("fusion Lite0+Lite2, refined", fused, "umap"))
+    grid += [("PCA default", BACKBONE, "pca"), ("plain recipe (L2 + KMeans)", BACKBONE, "l2")]
+    rows = []
+    for name, backbone, preprocess in grid:
+        for k in (n_classes, 2 * n_classes):
+            for use_gather in (False, True):
+                totals, per_action, precision = [], [], []
+                start = time.perf_counter()
+                for seed in range(n_seeds):
+                    run = cluster(ws, backbone, k, random_state=seed, preprocess=preprocess)
+                    result = simulate(ws, run.id, use_gather=use_gather)
+                    totals.append(result["total"])
+                    per_action.append(result["per_action"])
+                    precision.append(result["gather_precision"])
+                rows.append(
+                    (
+                        name,
+                        k,
+                        use_gather,
+                        np.mean(totals),
+                        np.std(totals),
+                        np.mean(per_action),
+                        np.std(per_action),
+                        np.mean(precision) if use_gather else float("nan"),
+                        time.perf_counter() - start,
+                    )
+                )
+                print(rows[-1], flush=True)
+    print()
+    print(
+        f"| variant | k | gather | actions to 100% ({n_seeds} seeds) | images per action "
+        "| gather first-page precision |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, k, use_gather, mean, std, ipa, ipa_std, prec, _seconds in rows:
+        print(
+            f"| {name} | {k} | {'yes' if use_gather else 'no'} | {mean:.1f} ± {std:.1f} | "
+            f"{ipa:.1f} ± {ipa_std:.1f} | {f'{prec:.2f}' if use_gather else ''} |"
+        )
 
 
 def _accuracy(ws: Workspace, classes: dict[str, str]) -> float:
@@ -181,10 +301,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workspace", type=Path, default=Path("/tmp/imgcluster-bench-annotate"))
     parser.add_argument("--scale", type=int, default=0, help="Also time queries at N images.")
+    parser.add_argument("--variants", action="store_true", help="Oracle per pipeline variant.")
+    parser.add_argument("--seeds", type=int, default=10)
     args = parser.parse_args()
     if not (DATASET / "labels.csv").exists():
         raise SystemExit(f"{DATASET} not found (it lives in ../shared beside the project)")
     ws, run_id = prepare(args.workspace)
+    if args.variants:
+        variants(ws, args.seeds)
+        return
     result = simulate(ws, run_id)
     acts = result["actions"]
     print(f"dataset            {DATASET} ({result['images']} images, 10 classes)")
@@ -194,7 +319,8 @@ def main() -> None:
     print(f"after renames      {result['after_renames']:.1%} correct")
     print(
         f"actions to 100%    {result['total']} (rename {acts.get('rename', 0)}, "
-        f"merge {acts.get('merge', 0)}, move {acts.get('move', 0)})"
+        f"merge {acts.get('merge', 0)}, move {acts.get('move', 0)}, "
+        f"gather {acts.get('gather', 0)}, fix {acts.get('fix', 0)})"
     )
     print(f"images picked      {result['picked']} moved in those {acts.get('move', 0)} moves")
     print(

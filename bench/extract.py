@@ -45,7 +45,7 @@ import numpy as np
 from imgcluster.features import (
     CACHE_ENV,
     FeatureExtractor,
-    _TFLiteRunner,
+    TFLiteRunner,
     delete_features,
     extract,
     load_extractor,
@@ -76,7 +76,8 @@ def original_loop(model: keras.Model, paths: list[Path]) -> float:
 
 def pipeline(ws: Workspace, extractor: FeatureExtractor) -> float:
     """Images/s of `extract` over the whole workspace, from an empty store."""
-    delete_features(ws, BACKBONE)
+    for member in extractor.backbone.split("+"):
+        delete_features(ws, member)
     report = extract(ws, extractor)
     assert report.extracted == report.total and not report.failed, report
     return report.extracted / report.seconds
@@ -129,7 +130,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop-images", type=int, default=60)
     parser.add_argument("--skip-nmi", action="store_true")
+    parser.add_argument(
+        "--fusion",
+        action="store_true",
+        help="only compare Lite0, Lite2, the fusion Lite0+Lite2 and Lite0 with flip, end to end",
+    )
     args = parser.parse_args()
+    if args.fusion:
+        fusion_times(args.dataset, args.repeats)
+        return
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     os.environ[CACHE_ENV] = str(tmp / "cache")  # measure a cold conversion, keep the user's cache
@@ -159,7 +168,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     # The same converted model, as one interpreter using every core for each image.
     one_multithreaded = FeatureExtractor(BACKBONE, runtime="tflite").load()
-    one_multithreaded._runner = _TFLiteRunner(
+    one_multithreaded.members_[0].runner = TFLiteRunner(
         tflite_file(), 224, interpreters=1, threads_each=cores
     )
     variants: dict[str, tuple[str, Callable[[], float]]] = {
@@ -172,7 +181,7 @@ def main() -> None:
         "keras": ("pipeline, keras tf.function, batch 32", lambda: pipeline(ws, keras_runtime)),
         "m-par": (
             f"model only, {cores} interp x 1 thread",
-            lambda: model_only(_TFLiteRunner(tflite_file(), 224, interpreters=cores), 32),
+            lambda: model_only(TFLiteRunner(tflite_file(), 224, interpreters=cores), 32),
         ),
         "m-b1": (
             f"model only, 1 interp x {cores} threads, 1/call",
@@ -218,6 +227,37 @@ def main() -> None:
             f"NMI, KMeans k=10 seed 0, random-weights {BACKBONE} (init seed {seed}): "
             f"{nmi_of(random_ws, labels):.3f}"
         )
+
+
+def fusion_times(dataset: Path, repeats: int) -> None:
+    """End-to-end extraction time of the feature sets the Features page offers, relative to
+    Lite0 alone, interleaved so machine load hits every variant alike."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-fusion-"))
+    os.environ.setdefault(CACHE_ENV, str(tmp / "cache"))
+    ws = Workspace(tmp / "ws", create=True)
+    ingest(ws, dataset)
+    variants = {
+        "efficientnet-lite0": load_extractor("efficientnet-lite0", runtime="tflite"),
+        "efficientnet-lite2": load_extractor("efficientnet-lite2", runtime="tflite"),
+        "efficientnet-lite0+efficientnet-lite2": load_extractor(
+            "efficientnet-lite0+efficientnet-lite2", runtime="tflite"
+        ),
+        "efficientnet-lite0 flip": load_extractor(
+            "efficientnet-lite0", runtime="tflite", flip=True
+        ),
+    }
+    rates: dict[str, list[float]] = {key: [] for key in variants}
+    for rep in range(repeats):
+        for key, extractor in variants.items():
+            rates[key].append(pipeline(ws, extractor))
+        print(
+            f"  repetition {rep + 1} (load {os.getloadavg()[0]:.1f}): "
+            + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items())
+        )
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"\n{'feature set (median of ' + str(repeats) + ')':44s} {'img/s':>7s} {'x time':>7s}")
+    for key in variants:
+        print(f"{key:44s} {med[key]:7.1f} {med['efficientnet-lite0'] / med[key]:7.2f}")
 
 
 if __name__ == "__main__":

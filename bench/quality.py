@@ -10,9 +10,15 @@ the raw vectors). Default: the real pipeline end to end - ingest, `extract`, `cl
 every default - in a temporary workspace. The closing lines give the NMI difference, with a 95%
 bootstrap interval over images, and how well the misfit flag and typicality order work.
 
+With ``--spaces WS`` it instead reuses the vectors stored in workspace WS (ingest and extract
+the clothing photos into it once; add ``efficientnet-lite2`` for the fusion rows) and measures
+the refined clustering space: UMAP ``n_neighbors``, ``n_epochs`` and dims against quality and
+time (each seed drives UMAP and KMeans), the fused Lite0+Lite2 vectors, and Ward linkage.
+
 Usage::
 
     python bench/quality.py [--seeds 10] [--k 10] [--no-umap]
+    python bench/quality.py --spaces /tmp/ws-clothing [--seeds 10] [--k 10]
 """
 
 from __future__ import annotations
@@ -78,8 +84,11 @@ def raw_vectors(
 
 
 def variant_labels(raw: np.ndarray, variant: str, k: int, seed: int) -> np.ndarray:
-    space = raw if variant == "raw" else clustering.preprocess_vectors(raw, variant, seed=seed)
-    return clustering.fit_kmeans(space, k, seed=seed).labels
+    if variant == "raw":
+        space = raw
+    else:
+        space = clustering.preprocess_vectors(raw, variant, random_state=seed)
+    return clustering.fit_kmeans(space, k, random_state=seed).labels
 
 
 def summarise(runs: list[tuple[float, float, float]]) -> list[str]:
@@ -108,7 +117,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--no-umap", action="store_true")
+    parser.add_argument("--spaces", type=Path, help="Sweep refined-space settings on WS's vectors.")
+    parser.add_argument(
+        "--k-advice", type=Path, nargs="+", help="suggest_k on these workspaces (truth in labels)"
+    )
     args = parser.parse_args()
+    if args.spaces is not None:
+        sweep_spaces(args.spaces, args.seeds, args.k)
+        return
+    if args.k_advice:
+        for path in args.k_advice:
+            k_advice(Workspace(path))
+        return
     if not (CLOTHING / "labels.csv").exists():
         sys.exit(f"{CLOTHING} not found")
     paths, truth, relpaths = load_truth()
@@ -178,7 +198,7 @@ def main() -> None:
         default_labels: dict[int, np.ndarray] = {}
         start = time.perf_counter()
         for s in seeds:
-            run = clustering.cluster(ws, DEFAULT_BACKBONE, args.k, seed=s)
+            run = clustering.cluster(ws, DEFAULT_BACKBONE, args.k, random_state=s)
             with ws.read() as conn:
                 rel = dict(conn.execute("SELECT id, relpath FROM images").fetchall())
             run_truth = np.array([by_relpath[rel[int(i)]] for i in run.image_ids])
@@ -214,6 +234,130 @@ def main() -> None:
         f"suggest_k(2..20) best: {suggestion.best}; silhouette at best "
         f"{max(s for s in suggestion.silhouette):.3f}"
     )
+
+
+#: (label, dims, n_neighbors, n_epochs, min_dist) of the refined-space sweep; None = umap's default.
+SPACE_GRID = [
+    ("issue recipe: 10-d, 30 nn, min_dist 0", 10, 30, None, 0.0),
+    ("15 nn", 10, 15, None, 0.0),
+    ("50 nn", 10, 50, None, 0.0),
+    ("5-d", 5, 30, None, 0.0),
+    ("20-d", 20, 30, None, 0.0),
+    ("200 epochs", 10, 30, 200, 0.0),
+    ("min_dist 0.1", 10, 30, None, 0.1),
+]
+
+
+def _workspace_truth(ws: Workspace, backbone: str) -> tuple[np.ndarray, np.ndarray]:
+    from imgcluster.features import load_features
+
+    features = load_features(ws, backbone)
+    by_relpath = dict(zip(load_truth()[2], load_truth()[1], strict=True))
+    return features.vectors, np.array([by_relpath[r] for r in features.relpaths])
+
+
+def _umap(x: np.ndarray, dims: int, nn: int, epochs: int | None, md: float, seed: int):
+    from imgcluster.spaces import umap_embed
+
+    return umap_embed(x, dims, random_state=seed, n_neighbors=nn, min_dist=md, n_epochs=epochs)
+
+
+def sweep_spaces(path: Path, n_seeds: int, k: int) -> None:
+    """NMI/ARI/purity (mean ± std over seeds) and seconds per fit of each clustering space."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    from imgcluster.features import l2_normalize
+
+    ws = Workspace(path)
+    lite0, truth = _workspace_truth(ws, DEFAULT_BACKBONE)
+    seeds = range(n_seeds)
+    rows: list[list[str]] = []
+
+    def measure(name: str, make_labels: Callable[[int], np.ndarray]) -> None:
+        start = time.perf_counter()
+        runs = [scores(truth, make_labels(s)) for s in seeds]
+        per = (time.perf_counter() - start) / n_seeds
+        rows.append([name, *summarise(runs), f"{per:.2f} s"])
+        print("  ", rows[-1], flush=True)
+
+    def kmeans(space: np.ndarray, s: int) -> np.ndarray:
+        return clustering.fit_kmeans(space, k, random_state=s).labels
+
+    measure("plain recipe: L2 vectors + KMeans", lambda s: kmeans(l2_normalize(lite0), s))
+    measure(
+        "PCA-64 + KMeans (instant default)",
+        lambda s: kmeans(clustering.preprocess_vectors(lite0, "pca", random_state=s), s),
+    )
+    for name, dims, nn, epochs, md in SPACE_GRID:
+        measure(f"UMAP {name}", lambda s, a=(dims, nn, epochs, md): kmeans(_umap(lite0, *a, s), s))
+    measure(
+        "UMAP recipe + Ward",
+        lambda s: AgglomerativeClustering(k, linkage="ward").fit_predict(
+            _umap(lite0, 10, 30, None, 0.0, s)
+        ),
+    )
+    fused_name = f"{DEFAULT_BACKBONE}+efficientnet-lite2"
+    try:
+        lite2, truth2 = _workspace_truth(ws, "efficientnet-lite2")
+    except Exception as exc:
+        print(f"no efficientnet-lite2 vectors in {path}: {exc}")
+    else:
+        assert (truth2 == truth).all()
+        fused = l2_normalize(np.concatenate([l2_normalize(lite0), l2_normalize(lite2)], axis=1))
+        measure("fusion Lite0+Lite2, L2 + KMeans", lambda s: kmeans(fused, s))
+        measure(
+            "fusion Lite0+Lite2, UMAP recipe + KMeans",
+            lambda s: kmeans(_umap(fused, 10, 30, None, 0.0, s), s),
+        )
+        print(f"(fusion as {fused_name}: each normalised, then the concatenation)")
+    print()
+    print(
+        f"| space ({len(truth)} clothing photos, k={k}, {n_seeds} seeds) | NMI | ARI | purity "
+        "| time per fit |"
+    )
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def k_advice(ws: Workspace, k_min: int = 2, k_max: int = 20) -> None:
+    """Where `suggest_k`'s best ks fall against the true class count, in the PCA space and in
+    the refined space (made now if the workspace does not hold it yet)."""
+    from imgcluster import spaces
+
+    spaces.compute_space(ws, DEFAULT_BACKBONE, spaces.REFINED)
+    root = ws.collection_root
+    classes = set()
+    if root is not None:
+        for labels_csv in (root / "labels.csv", root.parent / "labels.csv"):
+            if labels_csv.exists():
+                with open(labels_csv, newline="") as fh:
+                    classes = {row["label"] for row in csv.DictReader(fh)}
+                break
+    print(f"{ws.path}: {len(classes) or '?'} true classes, k in {k_min}..{k_max}")
+    for preprocess in ("pca", "umap"):
+        start = time.perf_counter()
+        result = clustering.suggest_k(
+            ws, k_min, k_max, backbone=DEFAULT_BACKBONE, preprocess=preprocess
+        )
+        seconds = time.perf_counter() - start
+        ranked = sorted(
+            range(len(result.ks)), key=lambda i: -result.silhouette[i]
+        )  # silhouette alone, for the rank of the true k
+        true_rank = next(
+            (r + 1 for r, i in enumerate(ranked) if result.ks[i] == len(classes)), None
+        )
+        i_true = result.ks.index(len(classes)) if len(classes) in result.ks else None
+        true_text = (
+            f"true k={len(classes)}: silhouette rank {true_rank}, stability "
+            f"{result.stability[i_true]:.2f}"
+            if i_true is not None
+            else ""
+        )
+        print(
+            f"  {preprocess:5s} best {result.best} ({result.confidence}); {true_text}; "
+            f"{seconds:.1f} s\n        {result.advice}"
+        )
 
 
 def misfit_report(run: clustering.ClusterRun, truth: np.ndarray) -> str:

@@ -6,13 +6,17 @@ blobs, so clusters mean something) stored with `save_vectors` in shards of 10,00
 would. Then, in this one process, as the app would call them:
 
 * ``cluster k=K``: the first clustering (load vectors, PCA, fit, silhouettes, store);
-* ``start labeling``: every cluster becomes a label;
-* ``label list`` (first: computes every image's typicality/misfit geometry; then warm);
+* ``start labeling``: every cluster becomes a label, and every image's typicality/misfit
+  geometry is computed once (its own table, `imgcluster.labels.geometry`);
+* ``label list`` (first, then warm), and the label list right after a **rename** (touches no
+  geometry: issue 11's target < 0.05 s at 100k) and after a **move of 20 images** (refreshes
+  two labels' centroids incrementally inside the move: target < 0.2 s for the list);
 * ``page a label``: the first page (60, most typical first), a page deep in the biggest label,
   the worst-fit page, and the "misplaced" list across labels;
-* ``move 1,000 images`` to another label, and the ``label list`` right after (geometry
-  recomputed once for the change);
+* ``move 1,000 images`` to another label (its geometry refreshed inside the move), and the
+  ``label list`` right after;
 * ``undo`` of that move;
+* ``progress`` and the next label to review; ``gather`` strays into a label (issue 13 §7);
 * ``re-cluster (change k)``: `cluster` with k=K2 (the app's k slider), re-clustering the
   unconfirmed images around the labels (`recluster_unconfirmed`), and restarting labeling
   from the new run.
@@ -23,7 +27,7 @@ each operation's time is also shown as a ratio to it. Peak RSS (``ru_maxrss``) m
 
 Usage::
 
-    python bench/scale.py [--n 100000] [--k 20] [--k2 25] [--keep DIR]
+    python bench/scale.py [--n 100000 | --scale 100000] [--k 20] [--k2 25] [--dim 1280] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -132,7 +136,7 @@ def run(n: int, k: int, k2: int, folder: Path) -> Table:
     table.baseline = table.rows[-1][1]
     first_run = table.time(f"cluster k={k} (first)", lambda: cluster(ws, BACKBONE, k))
     table.time("start labeling", lambda: labels.start_session(ws, first_run.id, actor="bench"))
-    table.time("label list (first: geometry)", lambda: labels.list_labels(ws))
+    table.time("label list (first)", lambda: labels.list_labels(ws))
     summary = table.time("label list", lambda: labels.list_labels(ws))
     biggest = max(summary, key=lambda s: s.count)
     table.time("page a label: first 60", lambda: labels.label_images(ws, biggest.id))
@@ -142,6 +146,15 @@ def run(n: int, k: int, k2: int, folder: Path) -> Table:
         "page a label: worst fit 60", lambda: labels.label_images(ws, biggest.id, order="misfit")
     )
     table.time("misplaced across labels (60)", lambda: labels.misplaced(ws))
+    table.time("rename a label", lambda: labels.rename(ws, biggest.id, "renamed", actor="bench"))
+    table.time("label list after a rename", lambda: labels.list_labels(ws))
+    twenty = [im.image_id for im in labels.label_images(ws, biggest.id, limit=20)]
+    other = next(s.id for s in summary if s.id != biggest.id)
+    table.time("move 20 images", lambda: labels.move(ws, twenty, other, actor="bench"))
+    table.time("label list after a move (20)", lambda: labels.list_labels(ws))
+    table.time("page a label after the move", lambda: labels.label_images(ws, biggest.id))
+    table.time("progress + next label to review", lambda: labels.next_label_to_review(ws))
+    table.time("gather strays into a label (60)", lambda: labels.gather(ws, other))
 
     rng = random.Random(0)
     with ws.read() as conn:
@@ -169,11 +182,13 @@ def run(n: int, k: int, k2: int, folder: Path) -> Table:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=100_000, help="number of images")
+    parser.add_argument("--n", "--scale", type=int, default=100_000, help="number of images")
+    parser.add_argument("--dim", type=int, default=DIM, help="vector width (1280 = Lite0)")
     parser.add_argument("--k", type=int, default=20, help="first clustering's k")
     parser.add_argument("--k2", type=int, default=25, help="k of the re-clustering")
     parser.add_argument("--keep", type=Path, help="build the workspace here and keep it")
     args = parser.parse_args(argv)
+    globals()["DIM"] = args.dim  # the vector width every helper reads
     folder = args.keep or Path(tempfile.mkdtemp(prefix="imgcluster-scale-"))
     folder.mkdir(parents=True, exist_ok=True)
     try:

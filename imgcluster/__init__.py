@@ -4,6 +4,18 @@ The library owns every step (images -> features -> clustering + projection -> la
 export); the CLI and the Streamlit app are thin shells over it. TensorFlow, scikit-learn and
 umap are imported lazily, so ``import imgcluster`` stays fast.
 
+Each SQLite table has one owning module, the only one whose SQL names it (the schema itself is
+built by `imgcluster.migrations`; ``tests/test_architecture.py`` enforces this):
+
+- ``meta``, ``images``: `imgcluster.workspace` (ingest, `imgcluster.images`, writes
+  ``images``); others join the read-only view ``image_catalog`` or call its readers;
+- ``feature_shards``, ``features``: `imgcluster.features.store`;
+- ``clusterings``, ``assignments``: `imgcluster.clustering` (readers: `run_info`,
+  `run_assignments`, ...);
+- ``projections``: `imgcluster.spaces`;
+- ``label_sessions``, ``labels``, ``image_labels``, ``audit_log``, ``label_geometry``:
+  `imgcluster.labels`.
+
 Examples
 --------
 >>> import imgcluster as ic                                  # doctest: +SKIP

@@ -7,13 +7,22 @@ Exit codes: 0 success, 1 failure (an `ImgclusterError`, printed as one line), 2 
 from __future__ import annotations
 
 import contextlib
+import errno
+import sqlite3
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
 
+from imgcluster import settings
+from imgcluster.backbones import DEFAULT_BACKBONE
+from imgcluster.clustering import ALGORITHMS, K_MAX, K_MIN, PREPROCESSING
 from imgcluster.errors import ImgclusterError
+from imgcluster.export import FORMAT_CHOICES, MODES
+from imgcluster.features import RUNTIMES
+from imgcluster.images import IngestReport
+from imgcluster.labels import ORDERS
 from imgcluster.workspace import Workspace
 
 workspace_option = click.option(
@@ -37,6 +46,40 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+            # A database damaged after it opened (bit flips in a page read later).
+            where = _workspace_arg(ctx) or "the workspace"
+            raise click.ClickException(
+                f"workspace database in {where} is damaged ({type(exc).__name__}: "
+                f"{str(exc)[:120]}); run `imgcluster check --workspace {where}`"
+            ) from None
+        except OSError as exc:
+            raise click.ClickException(_os_message(exc)) from None
+
+
+def _workspace_arg(ctx: click.Context) -> str | None:
+    """The ``--workspace`` value on the command line being run, if any."""
+    args = [*getattr(ctx, "_protected_args", []), *ctx.args]
+    for i, arg in enumerate(args):
+        if arg in ("--workspace", "-w") and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--workspace="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _os_message(exc: OSError) -> str:
+    """One line for an operating-system error nobody turned into a library error."""
+    what = exc.strerror or type(exc).__name__
+    where = f" ({exc.filename})" if exc.filename else ""
+    hint = {
+        errno.ENOSPC: "free some disk space and run the command again",
+        errno.EDQUOT: "free some disk space and run the command again",
+        errno.EROFS: "the folder is read-only: choose a writable one",
+        errno.EACCES: "check the permissions",
+        errno.ENOENT: "check the path",
+    }.get(exc.errno or 0, "check the path and try again")
+    return f"{what.lower()}{where}; {hint}"
 
 
 @click.group(cls=_Group)
@@ -71,23 +114,53 @@ def open_workspace(path: Path) -> Workspace:
 @cli.command()
 @click.argument("image_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @workspace_option
-def ingest(image_dir: Path, workspace_path: Path) -> None:
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: run the per-image work on a Ray cluster (needs imgcluster[ray]).",
+)
+@click.option("--address", default=None, help="Ray cluster address (--engine ray; default: local).")
+def ingest(image_dir: Path, workspace_path: Path, engine: str, address: str | None) -> None:
     """Scan IMAGE_DIR, validate every image, make thumbnails; re-runs add only new files."""
     from imgcluster.images import ingest as ingest_images
 
     ws = Workspace(workspace_path, create=True)
     with progress_bar("ingest") as bar:
-        report = ingest_images(ws, image_dir, progress=bar)
+        if engine == "ray":
+            from imgcluster.distributed import ray_ingest
+
+            report = ray_ingest(ws, image_dir, address=address, progress=bar)
+        else:
+            report = ingest_images(ws, image_dir, progress=bar)
+    _print_ingest(report)
+    if report.ok == 0:
+        raise click.ClickException(f"no usable image found in {image_dir}")
+
+
+def _print_ingest(report: IngestReport) -> None:
     click.echo(f"found      {report.found}")
     click.echo(f"ok         {report.ok}")
     click.echo(f"new        {report.new}   changed {report.changed}   unchanged {report.unchanged}")
     click.echo(f"duplicates {report.duplicates}")
-    click.echo(f"missing    {report.missing}")
+    notes = []
+    if report.missing:
+        notes.append("gone from the folder; their labels are kept until they come back")
+    if report.returned:
+        notes.append(f"came back: {report.returned}, with their labels")
+    click.echo(f"missing    {report.missing}" + (f"   ({'; '.join(notes)})" if notes else ""))
     click.echo(f"skipped    {report.n_skipped}")
     for reason, count in sorted(report.skipped.items()):
         click.echo(f"  {count:6d}  {reason}")
-    if report.ok == 0:
-        raise click.ClickException(f"no usable image found in {image_dir}")
+    if report.n_ignored:
+        click.echo(f"not considered {report.n_ignored}")
+        for reason, count in sorted(report.ignored.items()):
+            click.echo(f"  {count:6d}  {reason}")
+    for folder, why in report.skipped_folders:
+        click.echo(f"skipped folder {folder}: {why}")
+    if report.cleaned:
+        click.echo(f"cleaned    {report.cleaned} temporary files left by an interrupted ingest")
 
 
 def _split_option(ctx: click.Context, param: click.Parameter, value: str | None) -> object:
@@ -105,17 +178,35 @@ def _split_option(ctx: click.Context, param: click.Parameter, value: str | None)
 @workspace_option
 @click.option(
     "--mode",
-    type=click.Choice(["copy", "hardlink", "symlink"]),
+    type=click.Choice(MODES),
     default="copy",
     show_default=True,
-    help="Copy the images, hard-link them (no extra space) or symlink them (absolute paths).",
+    help="copy: verified 0644 files (default). hardlink / symlink: no extra space, but they "
+    "expose the source as it is (its content and mode bits, even if it changes later); "
+    "symlinks hold absolute paths.",
+)
+@click.option(
+    "--format",
+    "image_format",
+    type=click.Choice(FORMAT_CHOICES),
+    default="auto",
+    show_default=True,
+    help="auto: JPEG/PNG/GIF/BMP as they are, every other format re-encoded as PNG "
+    "(lossless), each named by its content; png/jpeg: every file in that format; "
+    "keep: files as they are (keras skips .webp, .tif...).",
 )
 @click.option(
     "--split",
     callback=_split_option,
     help="Stratified train,val[,test] proportions, e.g. 0.8,0.2 -> OUT/train, OUT/val.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
+@click.option(
+    "--random-state",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the split.",
+)
 @click.option("--confirmed-only", is_flag=True, help="Only images whose label was confirmed.")
 @click.option(
     "--include-unsure/--exclude-unsure",
@@ -129,14 +220,19 @@ def export(
     out: Path,
     workspace_path: Path,
     mode: str,
+    image_format: str,
     split: tuple[float, ...] | None,
-    seed: int,
+    random_state: int,
     confirmed_only: bool,
     include_unsure: bool,
     overwrite: bool,
     make_zip: bool,
 ) -> None:
-    """Write the labeled images to OUT/<label>/ (with manifest.csv and labels.json)."""
+    """Write the labeled images to OUT/<label>/ (with manifest.csv, left_out.csv, labels.json).
+
+    Every file is checked against the content that was ingested; a changed or missing file
+    is left out and listed in left_out.csv.
+    """
     from imgcluster.export import export_workspace, zip_export
 
     ws = open_workspace(workspace_path)
@@ -146,11 +242,12 @@ def export(
             out,
             mode=mode,
             split=split,
-            seed=seed,
+            random_state=random_state,
             confirmed_only=confirmed_only,
             include_unsure=include_unsure,
             overwrite=overwrite,
             progress=bar,
+            format=image_format,
         )
     columns = result.splits or ("all",)
     click.echo(f"{'label':30s} {'folder':30s} " + " ".join(f"{c:>6s}" for c in columns))
@@ -170,9 +267,10 @@ def export(
 @workspace_option
 @click.option(
     "--backbone",
-    default="efficientnet-lite0",
+    default=DEFAULT_BACKBONE,
     show_default=True,
-    help="CNN backbone (efficientnet-lite0/1/2, vgg16, resnet50, efficientnetb0, ...).",
+    help="CNN backbone (efficientnet-lite0/1/2, vgg16, resnet50, efficientnetb0, ...), or a "
+    "fusion of several joined by + (efficientnet-lite0+efficientnet-lite2: best quality).",
 )
 @click.option(
     "--batch-size",
@@ -189,7 +287,7 @@ def export(
 )
 @click.option(
     "--runtime",
-    type=click.Choice(["auto", "tflite", "keras"]),
+    type=click.Choice(RUNTIMES),
     default="auto",
     show_default=True,
     help="tflite: converted once and cached, fastest on CPU; keras: fallback.",
@@ -199,6 +297,19 @@ def export(
     is_flag=True,
     help="Resize with NEAREST like the original VGG16 recipe (only to reproduce it).",
 )
+@click.option(
+    "--flip",
+    is_flag=True,
+    help="Test-time flip: average each vector with its mirror image's (twice the time).",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: run the per-image work on a Ray cluster (needs imgcluster[ray]).",
+)
+@click.option("--address", default=None, help="Ray cluster address (--engine ray; default: local).")
 def extract(
     workspace_path: Path,
     backbone: str,
@@ -206,11 +317,20 @@ def extract(
     weights: Path | None,
     runtime: str,
     nearest_resize: bool,
+    flip: bool,
+    engine: str,
+    address: str | None,
 ) -> None:
     """Compute CNN feature vectors of the ingested images; re-runs compute only what is new."""
     from imgcluster.features import extract as extract_features
 
     ws = open_workspace(workspace_path)
+    if engine == "ray":
+        import functools
+
+        from imgcluster.distributed import ray_extract
+
+        extract_features = functools.partial(ray_extract, address=address)
     with progress_bar(f"extract {backbone}") as bar:
         report = extract_features(
             ws,
@@ -220,7 +340,10 @@ def extract(
             progress=bar,
             runtime=runtime,
             nearest_resize=nearest_resize,
+            **({"flip": True} if flip else {}),
         )
+    for shard, problem in getattr(report, "repaired", []):
+        click.echo(f"recomputed the vectors of damaged shard {shard}: {problem}", err=True)
     click.echo(f"images     {report.total}")
     click.echo(f"extracted  {report.extracted}   shared by duplicates {report.shared}")
     click.echo(f"reused     {report.reused}")
@@ -240,56 +363,67 @@ def extract(
 
 @cli.command(name="cluster")
 @workspace_option
-@click.option("--k", "k", type=click.IntRange(2, 200), required=True, help="Number of clusters.")
+@click.option(
+    "--k", "k", type=click.IntRange(K_MIN, K_MAX), required=True, help="Number of clusters."
+)
 @click.option(
     "--backbone",
-    default="efficientnet-lite0",
+    default=DEFAULT_BACKBONE,
     show_default=True,
     help="Backbone whose extracted features are clustered.",
 )
 @click.option(
     "--algorithm",
-    type=click.Choice(["auto", "kmeans", "minibatch"]),
+    type=click.Choice(ALGORITHMS),
     default="auto",
     show_default=True,
     help="auto: exact KMeans up to 20,000 images, MiniBatchKMeans above.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option(
+    "--random-state", type=int, default=0, show_default=True, help="Random state of k-means."
+)
 @click.option(
     "--preprocess",
-    type=click.Choice(["l2", "pca", "pca-whiten", "umap"]),
+    type=click.Choice(PREPROCESSING),
     default=None,
-    help="Space to cluster in (default: the benchmarked default, pca).",
+    help="Space to cluster in (default: the refined umap space, computed once per feature "
+    "set with a progress bar; pca needs no wait).",
 )
 def cluster_command(
     workspace_path: Path,
     k: int,
     backbone: str,
     algorithm: str,
-    seed: int,
+    random_state: int,
     preprocess: str | None,
 ) -> None:
     """Cluster the images by their features into K groups and print the cluster sizes.
 
     The run is stored in the workspace; the same request again returns it without recomputing.
     """
-    from imgcluster.clustering import DEFAULT_PREPROCESS, cluster
+    from imgcluster.clustering import REFINED_PREPROCESS, cluster
+    from imgcluster.spaces import REFINED, compute_space
 
     ws = open_workspace(workspace_path)
+    if preprocess is None:  # the best space: the refined one, made once per feature set
+        with progress_bar("refined space (once per feature set)") as bar:
+            compute_space(ws, backbone, REFINED, progress=bar)
+        preprocess = REFINED_PREPROCESS
     with progress_bar("cluster") as bar:
         run = cluster(
             ws,
             backbone,
             k,
             algorithm=algorithm,
-            seed=seed,
-            preprocess=preprocess or DEFAULT_PREPROCESS,
+            random_state=random_state,
+            preprocess=preprocess,
             progress=bar,
         )
     misfits = run.misfits
     click.echo(
         f"run {run.id}: {len(run)} images, k={run.k}, {run.algorithm}, {run.preprocess}, "
-        f"seed {run.seed}, {run.seconds:.2f} s, mean silhouette {run.mean_silhouette:.3f}"
+        f"random_state {run.random_state}, {run.seconds:.2f} s, "
+        f"mean silhouette {run.mean_silhouette:.3f}"
     )
     click.echo("cluster  images  misfits")
     for c, size in enumerate(run.sizes):
@@ -300,15 +434,17 @@ def cluster_command(
 @workspace_option
 @click.option(
     "--backbone",
-    default="efficientnet-lite0",
+    default=DEFAULT_BACKBONE,
     show_default=True,
     help="Backbone whose extracted features are used.",
 )
-@click.option("--min", "k_min", type=click.IntRange(min=2), default=2, show_default=True)
-@click.option("--max", "k_max", type=click.IntRange(min=2), default=40, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--min", "k_min", type=click.IntRange(K_MIN, K_MAX), default=K_MIN, show_default=True)
+@click.option("--max", "k_max", type=click.IntRange(K_MIN, K_MAX), default=40, show_default=True)
+@click.option(
+    "--random-state", type=int, default=0, show_default=True, help="Random state of k-means."
+)
 def suggest_k_command(
-    workspace_path: Path, backbone: str, k_min: int, k_max: int, seed: int
+    workspace_path: Path, backbone: str, k_min: int, k_max: int, random_state: int
 ) -> None:
     """Print silhouette and inertia for each k from MIN to MAX, and the best k.
 
@@ -325,23 +461,23 @@ def suggest_k_command(
             k_min,
             k_max,
             backbone=backbone,
-            seed=seed,
+            random_state=random_state,
             progress=bar,
         )
-    click.echo("    k  silhouette  inertia")
-    for k, sil, inertia in zip(result.ks, result.silhouette, result.inertia, strict=True):
+    click.echo("    k  silhouette  inertia  stability")
+    rows = zip(result.ks, result.silhouette, result.inertia, result.stability, strict=True)
+    for k, sil, inertia, stable in rows:
         mark = "  *" if result.best and k == result.best[0] else ""
-        click.echo(f"{k:5d}  {sil:10.3f}  {inertia:7.4f}{mark}")
+        click.echo(f"{k:5d}  {sil:10.3f}  {inertia:7.4f}  {stable:9.2f}{mark}")
     click.echo(f"best k: {result.best[0]}   (next: {', '.join(map(str, result.best[1:]))})")
+    click.echo(result.advice)
 
 
 # -- labels -----------------------------------------------------------------------------------
 
 
 def _default_actor() -> str:
-    import os
-
-    return os.environ.get("USER") or "cli"
+    return settings.default_actor("cli")
 
 
 actor_option = click.option(
@@ -354,6 +490,14 @@ actor_option = click.option(
 
 def _applied(result: object) -> None:
     click.echo(getattr(result, "summary", result))
+
+
+def _label_ref(text: str) -> int | str:
+    """``#ID`` is a label id; anything else a name (the library refuses names like ``#5``,
+    so the syntax never captures a label's name)."""
+    from imgcluster.labels import looks_like_id
+
+    return int(text.strip()[1:]) if looks_like_id(text) else text
 
 
 @cli.group(name="labels")
@@ -373,13 +517,18 @@ def labels_group() -> None:
 @actor_option
 def labels_start(workspace_path: Path, run_id: int | None, replace: bool, actor: str) -> None:
     """Start labeling: every cluster of the run becomes a label cluster_NN."""
-    from imgcluster.labels import list_labels, start_session
+    from imgcluster.clustering import run_info
+    from imgcluster.labels import active_session, list_labels, start_session
 
     ws = open_workspace(workspace_path)
     session = start_session(ws, run_id, actor=actor, replace=replace)
     labels = list_labels(ws)
     n = sum(label.count for label in labels)
-    click.echo(f"labeling session {session}: {len(labels)} labels, {n} images")
+    run = run_info(ws, active_session(ws).run_id)
+    click.echo(
+        f"labeling session {session} from clustering run {run.id} (k={run.k}, {run.backbone}, "
+        f"{run.preprocess}): {len(labels)} labels, {n} images"
+    )
 
 
 @labels_group.command(name="list")
@@ -407,7 +556,7 @@ def labels_list(workspace_path: Path) -> None:
 @click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option(
     "--order",
-    type=click.Choice(["typicality", "misfit", "relpath"]),
+    type=click.Choice(ORDERS),
     default="typicality",
     show_default=True,
 )
@@ -420,9 +569,9 @@ def labels_show(
 
     ws = open_workspace(workspace_path)
     if misfits:
-        rows = misplaced(ws, label, limit)
+        rows = misplaced(ws, _label_ref(label), limit)
     else:
-        rows = label_images(ws, label, offset=offset, limit=limit, order=order)
+        rows = label_images(ws, _label_ref(label), offset=offset, limit=limit, order=order)
     for r in rows:
         flags = ("confirmed " if r.confirmed else "") + ("" if r.state == "normal" else r.state)
         hint = f" looks like {r.nearest_other!r}" if r.misfit and r.nearest_other else ""
@@ -439,7 +588,7 @@ def labels_rename(old: str, new: str, workspace_path: Path, actor: str) -> None:
     """Rename label OLD to NEW (free text, unique case-insensitively)."""
     from imgcluster.labels import rename
 
-    _applied(rename(open_workspace(workspace_path), old, new, actor=actor))
+    _applied(rename(open_workspace(workspace_path), _label_ref(old), new, actor=actor))
 
 
 @labels_group.command(name="merge")
@@ -453,20 +602,23 @@ def labels_merge(
     """Merge LABELS into one (the first, or --into)."""
     from imgcluster.labels import merge
 
-    _applied(merge(open_workspace(workspace_path), list(labels), into=into, actor=actor))
+    refs = [_label_ref(text) for text in labels]
+    target = None if into is None else _label_ref(into)
+    _applied(merge(open_workspace(workspace_path), refs, into=target, actor=actor))
 
 
 @labels_group.command(name="split")
 @click.argument("label")
 @click.option("--n", "n", type=click.IntRange(min=2), required=True, help="Number of parts.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--random-state", type=int, default=0, show_default=True)
 @workspace_option
 @actor_option
-def labels_split(label: str, n: int, seed: int, workspace_path: Path, actor: str) -> None:
+def labels_split(label: str, n: int, random_state: int, workspace_path: Path, actor: str) -> None:
     """Split LABEL into N by KMeans over its unconfirmed images."""
     from imgcluster.labels import split
 
-    _applied(split(open_workspace(workspace_path), label, n, seed=seed, actor=actor))
+    ws = open_workspace(workspace_path)
+    _applied(split(ws, _label_ref(label), n, random_state=random_state, actor=actor))
 
 
 @labels_group.command(name="move")
@@ -478,11 +630,12 @@ def labels_split(label: str, n: int, seed: int, workspace_path: Path, actor: str
 def labels_move(
     paths: tuple[str, ...], to_label: str, no_create: bool, workspace_path: Path, actor: str
 ) -> None:
-    """Move images (PATHs relative to the collection root) to a label; they become confirmed."""
+    """Move images (PATHs relative to the collection root) to a label (marked "moved by hand",
+    not confirmed: `confirm` confirms)."""
     from imgcluster.labels import move
 
     ws = open_workspace(workspace_path)
-    _applied(move(ws, list(paths), to_label, create=not no_create, actor=actor))
+    _applied(move(ws, list(paths), _label_ref(to_label), create=not no_create, actor=actor))
 
 
 def _state_command(name: str, state: str, doc: str) -> None:
@@ -509,7 +662,7 @@ def labels_confirm(label: str, workspace_path: Path, actor: str) -> None:
     """Confirm every (normal) image of LABEL."""
     from imgcluster.labels import confirm
 
-    _applied(confirm(open_workspace(workspace_path), label, actor=actor))
+    _applied(confirm(open_workspace(workspace_path), _label_ref(label), actor=actor))
 
 
 @labels_group.command(name="delete")
@@ -520,7 +673,7 @@ def labels_delete(label: str, workspace_path: Path, actor: str) -> None:
     """Delete an empty LABEL."""
     from imgcluster.labels import delete_label
 
-    _applied(delete_label(open_workspace(workspace_path), label, actor=actor))
+    _applied(delete_label(open_workspace(workspace_path), _label_ref(label), actor=actor))
 
 
 @labels_group.command(name="undo")
@@ -564,15 +717,26 @@ def labels_history(workspace_path: Path, limit: int, actor: str | None) -> None:
     required=True,
     help="Number of new clusters for the unconfirmed images.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--random-state", type=int, default=0, show_default=True)
+@click.option(
+    "--preprocess",
+    type=click.Choice(PREPROCESSING),
+    default=None,
+    help="Space to re-cluster in (e.g. umap, the refined one); default: the session's.",
+)
 @workspace_option
 @actor_option
-def labels_recluster(n_new: int, seed: int, workspace_path: Path, actor: str) -> None:
+def labels_recluster(
+    n_new: int, random_state: int, preprocess: str | None, workspace_path: Path, actor: str
+) -> None:
     """Re-cluster unconfirmed images around the existing labels plus --new new ones."""
     from imgcluster.labels import recluster_unconfirmed
 
     ws = open_workspace(workspace_path)
-    _applied(recluster_unconfirmed(ws, n_new, seed=seed, actor=actor))
+    applied = recluster_unconfirmed(
+        ws, n_new, random_state=random_state, actor=actor, preprocess=preprocess
+    )
+    _applied(applied)
 
 
 @labels_group.command(name="suggest")
@@ -587,6 +751,94 @@ def labels_suggest(k: int, workspace_path: Path, actor: str) -> None:
     for r in rows:
         click.echo(f"{r.relpath}\t{r.label}\t{r.confidence:.2f}")
     click.echo(f"{len(rows)} new images got a suggested label (unconfirmed)")
+
+
+@labels_group.command(name="gather")
+@click.argument("label")
+@workspace_option
+@click.option("--limit", type=click.IntRange(min=1), default=60, show_default=True)
+@click.option(
+    "--accept",
+    "accept",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Move the N most likely strays into LABEL (one undoable step).",
+)
+@actor_option
+def labels_gather(label: str, workspace_path: Path, limit: int, accept: int, actor: str) -> None:
+    """Images in other labels that look like LABEL, most likely first (kNN vote)."""
+    from imgcluster.labels import accept_gathered, gather
+
+    ws = open_workspace(workspace_path)
+    strays = gather(ws, _label_ref(label), limit=max(limit, accept))
+    for s in strays[:limit]:
+        click.echo(f"{s.relpath}\t{s.label}\t{s.score:.2f}")
+    click.echo(f"{len(strays)} images in other labels look like {label!r}")
+    if accept and strays:
+        chosen = strays[:accept]
+        shown = {s.image_id: s.label_id for s in chosen}
+        _applied(accept_gathered(ws, _label_ref(label), list(shown), actor=actor, expected=shown))
+
+
+@labels_group.command(name="delete-empty")
+@workspace_option
+@actor_option
+def labels_delete_empty(workspace_path: Path, actor: str) -> None:
+    """Delete every label that holds no image (one undoable step)."""
+    from imgcluster.labels import delete_empty_labels
+
+    _applied(delete_empty_labels(open_workspace(workspace_path), actor=actor))
+
+
+# -- workspace care ---------------------------------------------------------------------------
+
+
+@cli.command(name="check")
+@click.option(
+    "--workspace",
+    "-w",
+    "workspace_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Workspace folder to check (nothing is changed without --repair).",
+)
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Fix what loses nothing: a lost schema version, deleted thumbnails.",
+)
+def check_command(workspace_path: Path, repair: bool) -> None:
+    """Check a workspace's database and files and say what to do (exit 1 if not whole)."""
+    from imgcluster.check import check
+
+    report = check(workspace_path, repair=repair)
+    for fact in report.facts:
+        click.echo(f"ok         {fact}")
+    for done in report.repaired:
+        click.echo(f"repaired   {done}")
+    for problem in report.problems:
+        click.echo(f"problem    {problem}")
+    if not report.ok:
+        raise click.ClickException(f"{len(report.problems)} problem(s) in {report.path}")
+    click.echo(f"{report.path}: the workspace is whole")
+
+
+@cli.command(name="relocate")
+@workspace_option
+@click.argument("new_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def relocate_command(workspace_path: Path, new_root: Path) -> None:
+    """Point the workspace at its image folder's new place, checked by content hashes."""
+    from imgcluster.images import relocate
+
+    ws = open_workspace(workspace_path)
+    with progress_bar("relocate") as bar:
+        report = relocate(ws, new_root, progress=bar)
+    click.echo(f"verified   {report.verified} images by content under {report.new_root}")
+    if report.missing:
+        click.echo(
+            f"missing    {len(report.missing)} (marked missing by the next ingest; labels kept)"
+        )
+    click.echo(f"collection {report.old_root} -> {report.new_root}")
 
 
 def main() -> None:

@@ -40,6 +40,11 @@ class FeaturesMismatch(ImgclusterError):
     """Stored vectors of a backbone came from other weights or resizing than requested now."""
 
 
+class FeaturesDamaged(ImgclusterError):
+    """A stored feature shard is missing, truncated or of the wrong shape; `extract` verifies
+    the shards and recomputes what they held."""
+
+
 class UnknownCluster(ImgclusterError, ValueError):
     """A clustering run, cluster or label that does not exist."""
 
@@ -66,3 +71,61 @@ class NothingToUndo(ImgclusterError):
 
 class ExportError(ImgclusterError):
     """An export cannot be written (target exists, unsafe names, ...)."""
+
+
+class WorkspaceCorrupt(ImgclusterError):
+    """An existing workspace database that is empty, damaged, truncated or not ours.
+
+    Never answered by creating a new database over it: that would lose the labels.
+    """
+
+
+class WorkspaceReadOnly(ImgclusterError):
+    """A write was asked of a workspace opened read-only (a read-only mount or folder)."""
+
+
+class StorageFull(ImgclusterError, OSError):
+    """The disk (or quota) filled while writing; nothing half-written was kept."""
+
+
+class Busy(ImgclusterError):
+    """Another process holds the lock for this job (see `imgcluster._process.job_lock`)."""
+
+
+class UnknownLabel(ImgclusterError, ValueError):
+    """A label id or name that does not exist in the labeling session.
+
+    A label error of its own, not an `UnknownCluster`: labels outlive the clustering run
+    they started from (renamed, merged, split), so "no such cluster" would name the wrong
+    thing."""
+
+
+class ImageRejected(ImgclusterError):
+    """A file that cannot be used; ``reason`` is ``"<kind>: <detail>"`` for people.
+
+    Raised per file and recorded by ingest/extract as that file's skip reason; it never
+    aborts a batch. (Importable from `imgcluster.images` too.)
+    """
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        self.kind = kind
+        self.reason = f"{kind}: {detail}" if detail else kind
+        super().__init__(self.reason)
+
+
+class UploadRejected(ImgclusterError, ValueError):
+    """An uploaded file or archive that is refused as a whole (also `imgcluster.uploads`)."""
+
+
+class InvalidWeights(ImgclusterError, ValueError):
+    """A weights file that cannot be read, or does not fit the network it is meant for
+    (also importable from `imgcluster.backbones`)."""
+
+
+class NotEnoughImages(ImgclusterError, ValueError):
+    """Fewer images with features than the clustering asks for (also `imgcluster.clustering`)."""
+
+
+class InvalidParameter(ImgclusterError, ValueError):
+    """A parameter value a function cannot work with (a batch size of 0, an unknown runtime,
+    an array of the wrong shape); the message names the value and what is allowed."""

@@ -1,247 +1,241 @@
-"""Image files: scan a folder, validate by decoding, normalise to RGB, thumbnails, ingest.
+"""Ingest: examine every file of a collection (read once, hash, decode, thumbnail) and store it.
 
-Every file is judged by actually decoding it, because extensions lie and headers can promise
-20000x20000 pixels. A file that fails is recorded with a reason a person can act on and the
-scan goes on. Source images are opened read-only and never written.
+One bad file is that file's problem: it is recorded with a reason and the batch goes on.
+Source images are opened read-only and never written. The work is split so that the Ray
+engine can run `examine_file` on a cluster and commit with the same functions
+(`plan_ingest` -> `examine_file` -> `commit_examined` -> `finish_ingest`).
+
+Decoding lives in `imgcluster.decode` and scanning in `imgcluster.scan`; their public names
+are re-exported here, where the rest of the project has always imported them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import os
-import re
+import sqlite3
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from stat import S_ISREG
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from imgcluster._process import JobLock, acquire
+from imgcluster.decode import (
+    MAX_ASPECT_RATIO,
+    MAX_FILE_BYTES,
+    MAX_PIXELS,
+    THUMBNAIL_SIDE,
+    DecodedImage,
+    Progress,
+    make_thumbnail,
+    open_rgb,
+    read_capped,
+    square_thumbnail,
+    to_rgb,
+)
+from imgcluster.decode import short_reason as _short
+from imgcluster.errors import ImageRejected, InvalidPath, StorageFull, WorkspaceReadOnly
+from imgcluster.paths import check_collection
+from imgcluster.scan import (
+    IMAGE_EXTENSIONS,
+    NOT_SCANNED,
+    ScannedFile,
+    ScanResult,
+    file_kind,
+    scan,
+    scan_collection,
+)
+from imgcluster.workspace import Workspace, atomic_write, sqlite_error
 
-from imgcluster.errors import InvalidPath
-from imgcluster.workspace import Workspace, atomic_write
-
-#: Extensions scanned (lower case). Other files are counted as ignored, not reported.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-
-#: Largest image accepted, in pixels (Pillow's own warning threshold). Decoding a bigger one
-#: could take gigabytes of memory: a decompression bomb is refused from its header alone.
-MAX_PIXELS = 89_478_485
-
-#: Largest file read, in bytes. Ingest reads a whole file to hash and decode it; an uncompressed
-#: 16-bit RGBA TIFF at MAX_PIXELS is about 700 MiB, so nothing usable is larger than this.
-MAX_FILE_BYTES = 1 << 30
-
-THUMBNAIL_SIDE = 256
-
-#: Progress callbacks receive ``(done, total)``; the CLI draws a bar, the app a progress widget.
-Progress = Callable[[int, int], None]
-
-
-class ImageRejected(Exception):
-    """A file that cannot be used; ``reason`` is ``"<kind>: <detail>"`` for people."""
-
-    def __init__(self, kind: str, detail: str = "") -> None:
-        self.kind = kind
-        self.reason = f"{kind}: {detail}" if detail else kind
-        super().__init__(self.reason)
-
-
-@dataclass(frozen=True)
-class DecodedImage:
-    """A validated image: RGB pixels plus what the database records about the file."""
-
-    image: Image.Image
-    width: int
-    height: int
-    format: str
-
-
-# -- decoding ---------------------------------------------------------------------------------
-
-
-def open_rgb(
-    source: str | os.PathLike[str] | bytes,
-    *,
-    draft_size: tuple[int, int] | None = None,
-) -> DecodedImage:
-    """Decode an image file fully and return it as upright 8-bit RGB.
-
-    Parameters
-    ----------
-    source : path or bytes
-        The file, or its content already read (ingest reads once to hash and decode).
-    draft_size : (width, height), optional
-        Let JPEG decoding scale down by DCT while decoding (Pillow ``draft``) to at least this
-        size: several times faster for feature extraction of large photos.
-
-    Returns
-    -------
-    DecodedImage
-        RGB pixels after EXIF orientation; width/height/format of the original file.
-
-    Raises
-    ------
-    ImageRejected
-        Empty, not an image, too large, corrupt or truncated.
-    """
-    if isinstance(source, bytes):
-        if not source:
-            raise ImageRejected("empty file", "0 bytes")
-        fp: io.BytesIO | str | os.PathLike[str] = io.BytesIO(source)
-    else:
-        fp = source
-    try:
-        with Image.open(fp) as img:
-            width, height = img.size
-            fmt = img.format or "unknown"
-            if width * height > MAX_PIXELS:
-                raise ImageRejected(
-                    "image too large",
-                    f"{width}x{height} = {width * height / 1e6:.0f} megapixels, more than the "
-                    f"{MAX_PIXELS / 1e6:.0f} megapixel limit (possible decompression bomb)",
-                )
-            if draft_size is not None and fmt == "JPEG":
-                img.draft("RGB", draft_size)
-            img.seek(0)  # animated GIF/WebP/TIFF: the first frame stands for the file
-            img.load()
-            rgb = to_rgb(img)
-    except ImageRejected:
-        raise
-    except UnidentifiedImageError as exc:
-        raise ImageRejected("not an image", "no known image format found in the file") from exc
-    except Image.DecompressionBombError as exc:
-        # Pillow refuses more than twice its limit while still parsing the header.
-        match = re.search(r"\((\d+) pixels\)", str(exc))
-        pixels = f"{int(match.group(1)) / 1e6:.0f} megapixels" if match else "too many pixels"
-        raise ImageRejected(
-            "image too large",
-            f"{pixels}, more than the {MAX_PIXELS / 1e6:.0f} megapixel limit "
-            "(possible decompression bomb)",
-        ) from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageRejected("corrupt image", _short(exc)) from exc
-    return DecodedImage(image=rgb, width=width, height=height, format=fmt)
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "INGEST_LOCK",
+    "MAX_ASPECT_RATIO",
+    "MAX_FILE_BYTES",
+    "MAX_PIXELS",
+    "NOT_SCANNED",
+    "THUMBNAIL_SIDE",
+    "DecodedImage",
+    "ExaminedFile",
+    "ImageRejected",
+    "IngestPlan",
+    "IngestReport",
+    "Progress",
+    "RelocateReport",
+    "ScanResult",
+    "ScannedFile",
+    "commit_examined",
+    "ensure_thumbnail",
+    "examine_file",
+    "finish_ingest",
+    "ingest",
+    "make_thumbnail",
+    "open_rgb",
+    "plan_ingest",
+    "read_capped",
+    "relocate",
+    "scan",
+    "scan_collection",
+    "square_thumbnail",
+    "to_rgb",
+    "write_thumbnail",
+]
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Upright 8-bit RGB from any Pillow mode.
+# -- examining one file -----------------------------------------------------------------------
 
-    Transparent pixels are composited on white (product shots are usually on white, and black
-    would pull cut-outs of every class together); 16-bit and float data are scaled, not clipped,
-    so a 16-bit PNG does not come out white.
-    """
-    img = ImageOps.exif_transpose(img) or img
-    mode = img.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        if mode == "F" and arr.max(initial=0) <= 1.0:
-            top = 1.0  # float images conventionally hold 0..1; scaled by 255 they come out black
-        arr8 = np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode == "P" and "transparency" in img.info
-    )
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode != "RGB":
-        return img.convert("RGB")
-    return img
-
-
-def make_thumbnail(image: Image.Image, side: int = THUMBNAIL_SIDE) -> Image.Image:
-    """A copy whose longest side is at most ``side`` (never upscaled)."""
-    thumb = image.copy()
-    thumb.thumbnail((side, side), Image.Resampling.LANCZOS)
-    return thumb
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-# -- scanning ---------------------------------------------------------------------------------
+#: Errors of the disk we write to: they stop the batch (one line), never count as a bad file.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_READ_ONLY_ERRNOS = frozenset({errno.EROFS})
 
 
 @dataclass(frozen=True)
-class ScannedFile:
-    """A candidate file found under the collection root."""
+class ExaminedFile:
+    """The verdict on one file: its identity, and either its image facts or a skip reason.
+
+    ``thumbnail`` holds the JPEG bytes still to be written (None once written, or for a bad
+    file). Plain values only, so the Ray engine can ship it as a Parquet row.
+    """
 
     relpath: str
-    path: Path
-    problem: str | None = None  # a reason to skip found while scanning (permissions, symlink)
-    link: bool = False  # a symlink (checked to point inside the collection) when scanned
+    sha256: str | None
+    size: int | None
+    mtime_ns: int | None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    reason: str | None = None
+    thumbnail: bytes | None = None
+    ctime_ns: int | None = None
+    inode: int | None = None
+    #: Same content as the stored row (decoding skipped); only the file's stat is refreshed.
+    same: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
 
 
-def scan(root: str | os.PathLike[str]) -> Iterator[ScannedFile]:
-    """Yield image-like files under ``root`` recursively, sorted by relative path.
+def examine_file(scanned: ScannedFile, *, known_sha256: str | None = None) -> ExaminedFile:
+    """Read, hash, decode and thumbnail one file.
 
-    Folder symlinks are not followed (no loops, no escaping the collection); file symlinks are
-    followed only when they point inside ``root``. Unreadable folders are reported, not fatal.
+    Never raises for a bad file: every exception while reading or decoding it becomes its
+    skip reason (``"decode error: <type>: <message>"`` for the unexpected ones). Only errors of
+    the machine itself escape (out of memory for the process, KeyboardInterrupt).
+    ``known_sha256``: the stored hash; when the content still has it, decoding is skipped.
     """
-    root_path = Path(root).resolve()
-    if not root_path.is_dir():
-        raise InvalidPath(f"image folder {root_path} does not exist or is not a folder")
-    found: list[ScannedFile] = []
-    undecodable: dict[str, ScannedFile] = {}
+    try:
+        return _examine(scanned, known_sha256)
+    except ImageRejected as exc:
+        return ExaminedFile(scanned.relpath, None, None, None, reason=exc.reason)
+    except Exception as exc:
+        reason = f"decode error: {type(exc).__name__}: {_short(exc)}"
+        return ExaminedFile(scanned.relpath, None, None, None, reason=reason)
 
-    def on_error(err: OSError) -> None:
-        where = Path(err.filename) if err.filename else root_path
-        rel = _relpath(where, root_path)
-        detail = (err.strerror or _short(err)).lower()
-        found.append(ScannedFile(rel + "/", where, f"unreadable folder: {detail}"))
 
-    for dirpath, dirnames, filenames in os.walk(root_path, onerror=on_error):
-        dirnames.sort()
-        folder = Path(dirpath)
-        for name in filenames:
-            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            path = folder / name
-            rel = _relpath(path, root_path)
-            if rel != path.relative_to(root_path).as_posix():
-                # Not valid UTF-8: the stored name cannot lead back to this file (and may equal
-                # another file's real name), so it must never be opened by name later.
-                undecodable.setdefault(rel, ScannedFile(rel, path, _UNDECODABLE))
-                continue
-            problem = None
+def _examine(scanned: ScannedFile, known_sha256: str | None) -> ExaminedFile:
+    rel = scanned.relpath
+    if scanned.problem:
+        return ExaminedFile(rel, None, None, None, reason=scanned.problem)
+    # Non-blocking: a file swapped for a FIFO since the scan must not hang the open. No-follow
+    # when the scan saw a plain file: one swapped for a link since could point anywhere.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+    if not scanned.link:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(scanned.path, flags)
+    except OSError as exc:
+        reason = f"unreadable: {(exc.strerror or _short(exc)).lower()}"
+        return ExaminedFile(rel, None, None, None, reason=reason)
+    try:
+        stat = os.fstat(fd)
+        ident = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        extra = {"ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
+        if not S_ISREG(stat.st_mode):
+            # A FIFO or device named like an image would block (or never end) when read.
+            reason = f"not a regular file: {file_kind(stat.st_mode)} named like an image"
+            return ExaminedFile(rel, None, **ident, reason=reason, **extra)
+        if stat.st_size > MAX_FILE_BYTES:
+            # Read whole into memory to hash and decode: cap it before reading, not after.
+            reason = (
+                f"file too large: {stat.st_size:,} bytes, more than the "
+                f"{MAX_FILE_BYTES >> 20:,} MiB limit"
+            )
+            return ExaminedFile(rel, None, **ident, reason=reason, **extra)
+        try:
+            data = read_capped(fd)
+        except OSError as exc:
+            reason = f"unreadable: {(exc.strerror or _short(exc)).lower()}"
+            return ExaminedFile(rel, None, **ident, reason=reason, **extra)
+    finally:
+        os.close(fd)
+    sha = hashlib.sha256(data).hexdigest()
+    if known_sha256 is not None and sha == known_sha256:
+        return ExaminedFile(rel, sha, **ident, same=True, **extra)
+    try:
+        decoded = open_rgb(data, draft_size=(2 * THUMBNAIL_SIDE, 2 * THUMBNAIL_SIDE))
+    except ImageRejected as exc:
+        return ExaminedFile(rel, sha, **ident, reason=exc.reason, **extra)
+    buf = io.BytesIO()
+    make_thumbnail(decoded.image).save(buf, format="JPEG", quality=85)
+    return ExaminedFile(
+        rel,
+        sha,
+        **ident,
+        width=decoded.width,
+        height=decoded.height,
+        format=decoded.format,
+        thumbnail=buf.getvalue(),
+        **extra,
+    )
+
+
+def write_thumbnail(workspace: Workspace, examined: ExaminedFile) -> ExaminedFile:
+    """Write ``examined``'s thumbnail (once per content) and return it without the bytes."""
+    if examined.thumbnail is None or examined.sha256 is None:
+        return examined
+    path = workspace.thumbnail_path(examined.sha256)
+    if not path.exists():
+        data = examined.thumbnail
+        atomic_write(path, lambda fh: fh.write(data))
+    return replace(examined, thumbnail=None)
+
+
+def ensure_thumbnail(workspace: Workspace, sha256: str) -> Path | None:
+    """The thumbnail of a content hash, regenerated from its source if it was deleted.
+
+    Returns None when no usable source with that content is left (changed, gone, unreadable)
+    or the workspace cannot be written. Never raises for a bad file.
+    """
+    path = workspace.thumbnail_path(sha256)
+    if path.is_file():
+        return path
+    with workspace.read() as conn:
+        relpaths = [
+            row[0]
+            for row in conn.execute(
+                "SELECT relpath FROM images WHERE sha256 = ? AND status = 'ok' ORDER BY id",
+                (sha256,),
+            )
+        ]
+    for rel in relpaths:
+        try:
+            source = workspace.source_path(rel)
+        except InvalidPath:
+            continue
+        examined = examine_file(ScannedFile(rel, source, link=source.is_symlink()))
+        if examined.ok and examined.sha256 == sha256:
             try:
-                is_link = path.is_symlink()
-            except OSError as exc:  # e.g. a folder that can be listed but not searched
-                reason = f"unreadable: {(exc.strerror or _short(exc)).lower()}"
-                found.append(ScannedFile(rel, path, reason))
-                continue
-            if is_link:
-                try:
-                    target = path.resolve()
-                except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError on ELOOP
-                    found.append(ScannedFile(rel, path, "symlink loop: the link never ends"))
-                    continue
-                if not target.is_relative_to(root_path):
-                    problem = "symlink outside collection: points to a file outside the folder"
-                elif not target.is_file():
-                    problem = "broken symlink: the link points to nothing"
-            found.append(ScannedFile(rel, path, problem, link=is_link))
-    taken = {f.relpath for f in found}
-    found.extend(f for rel, f in undecodable.items() if rel not in taken)
-    found.sort(key=lambda f: f.relpath)
-    yield from found
-
-
-_UNDECODABLE = "undecodable name: the file name is not valid UTF-8; rename the file to use it"
-
-
-def _relpath(path: Path, root: Path) -> str:
-    rel = path.relative_to(root).as_posix()
-    # Names that are not valid UTF-8 arrive as surrogate escapes, which SQLite cannot store.
-    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                write_thumbnail(workspace, examined)
+            except OSError:
+                return None
+            return path
+    return None
 
 
 # -- ingest -----------------------------------------------------------------------------------
@@ -249,7 +243,11 @@ def _relpath(path: Path, root: Path) -> str:
 
 @dataclass
 class IngestReport:
-    """What an ingest did, for the CLI summary and the app."""
+    """What an ingest did, for the CLI summary and the app.
+
+    ``changed`` counts files whose content or verdict differs from the stored one; a file
+    re-read with the same content (a ``touch``, a copy with new times) counts as unchanged.
+    """
 
     found: int = 0
     new: int = 0
@@ -259,20 +257,33 @@ class IngestReport:
     skipped: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
     missing: int = 0
+    #: Directory entries not considered, by reason (other extensions, workspace folders, ...).
+    ignored: Counter[str] = field(default_factory=Counter)
+    skipped_folders: list[tuple[str, str]] = field(default_factory=list)
+    #: Leftover temporary files of a killed ingest removed at the start.
+    cleaned: int = 0
+    #: Files that came back (status missing -> ok); their labels are kept.
+    returned: int = 0
 
     @property
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
 
+    @property
+    def n_ignored(self) -> int:
+        return sum(self.ignored.values())
 
-@dataclass(frozen=True)
-class _Outcome:
-    relpath: str
-    size: int | None
-    mtime_ns: int | None
-    sha256: str | None
-    decoded: DecodedImage | None
-    reason: str | None
+
+@dataclass
+class IngestPlan:
+    """Between `plan_ingest` and `finish_ingest`: what is to be examined, and the ingest lock."""
+
+    root: Path
+    files: list[ScannedFile]
+    todo: list[ScannedFile]
+    known: dict[str, sqlite3.Row]
+    report: IngestReport
+    lock: JobLock | None = None
 
 
 def ingest(
@@ -284,9 +295,10 @@ def ingest(
 ) -> IngestReport:
     """Add the images under ``root`` to the workspace.
 
-    Files already ingested with the same size and modification time are not read again; a
-    file whose content changed is re-validated. A file with the same content as another is
-    recorded as its exact duplicate. Files that vanished are marked ``missing``.
+    Files already ingested with the same size, modification time, change time and inode are
+    not read again; a file whose content changed is re-validated. A file with the same content
+    as another is recorded as its exact duplicate. Files that vanished are marked ``missing``
+    (their labels are kept and come back with them). One bad file never stops the batch.
 
     Parameters
     ----------
@@ -300,60 +312,232 @@ def ingest(
     Returns
     -------
     IngestReport
+
+    Raises
+    ------
+    StorageFull
+        The disk filled while writing thumbnails or rows (what was committed stays whole).
+    WorkspaceReadOnly, Busy, InvalidPath
+    """
+    plan = plan_ingest(workspace, root)
+    try:
+        total = len(plan.todo)
+        if progress:
+            progress(0, total)
+        batch: list[ExaminedFile] = []
+        n_workers = workers or min(8, (os.cpu_count() or 2) + 2)
+
+        def work(scanned: ScannedFile) -> ExaminedFile:
+            row = plan.known.get(scanned.relpath)
+            known = row["sha256"] if row is not None and row["status"] == "ok" else None
+            if known is not None and not workspace.thumbnail_path(known).exists():
+                known = None  # re-decode to regenerate the deleted thumbnail
+            return write_thumbnail(workspace, examine_file(scanned, known_sha256=known))
+
+        with _storage_errors(workspace), ThreadPoolExecutor(max_workers=n_workers) as pool:
+            for done, examined in enumerate(pool.map(work, plan.todo), start=1):
+                batch.append(examined)
+                if len(batch) >= 64:
+                    commit_examined(workspace, plan, batch)
+                    batch = []
+                if progress:
+                    progress(done, total)
+            commit_examined(workspace, plan, batch)
+        return finish_ingest(workspace, plan)
+    finally:
+        if plan.lock is not None:
+            plan.lock.release()
+
+
+def plan_ingest(workspace: Workspace, root: str | os.PathLike[str]) -> IngestPlan:
+    """Lock the workspace for ingest, clean a killed ingest's leftovers, scan, and list what
+    must be examined (`examine_file`) because it is new or may have changed.
+
+    Call `commit_examined` with the results and `finish_ingest` at the end (which releases the
+    lock); `ingest` does all of it with threads, the Ray engine on a cluster.
     """
     root_path = workspace.set_collection_root(root)
-    files = list(scan(root_path))
-    report = IngestReport(found=len(files))
-    with workspace.read() as conn:
-        known = {
-            row["relpath"]: row
-            for row in conn.execute("SELECT relpath, sha256, size, mtime_ns, status FROM images")
-        }
+    lock = acquire(workspace.path / INGEST_LOCK, wait=None, what="ingest")
+    try:
+        cleaned = _clean_leftovers(workspace)
+        scanned = scan_collection(root_path, exclude=[workspace.path])
+        with workspace.read() as conn:
+            known = {
+                row["relpath"]: row
+                for row in conn.execute(
+                    "SELECT relpath, sha256, size, mtime_ns, ctime_ns, inode, status, "
+                    "skip_reason FROM images"
+                )
+            }
+    except BaseException:
+        lock.release()
+        raise
+    report = IngestReport(
+        found=len(scanned.files),
+        ignored=scanned.ignored,
+        skipped_folders=scanned.skipped_folders,
+        cleaned=cleaned,
+    )
     todo: list[ScannedFile] = []
-    for scanned in files:
-        row = known.get(scanned.relpath)
-        stat = _stat(scanned.path)
-        if (
-            row is not None
-            and stat is not None
-            and row["status"] != "missing"
-            and (row["size"], row["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns)
-        ):
+    for item in scanned.files:
+        if _unchanged(known.get(item.relpath), item):
             report.unchanged += 1
         else:
-            todo.append(scanned)
+            todo.append(item)
+    return IngestPlan(root_path, scanned.files, todo, known, report, lock)
 
-    total = len(todo)
-    if progress:
-        progress(0, total)
-    batch: list[_Outcome] = []
-    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) + 2)) as pool:
-        for done, outcome in enumerate(pool.map(lambda f: _examine(f, workspace), todo), start=1):
-            batch.append(outcome)
-            if len(batch) >= 64:
-                _store(workspace, batch, known, report)
-                batch = []
-            if progress:
-                progress(done, total)
-    _store(workspace, batch, known, report)
 
-    seen = {f.relpath for f in files}
-    gone = [rel for rel, row in known.items() if rel not in seen and row["status"] != "missing"]
-    with workspace.transaction() as conn:
-        conn.executemany(
-            "UPDATE images SET status = 'missing', skip_reason = 'missing: file no longer "
-            "exists', updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE relpath = ?",
-            [(rel,) for rel in gone],
+INGEST_LOCK = "ingest.lock"
+
+
+def _unchanged(row: sqlite3.Row | None, scanned: ScannedFile) -> bool:
+    """Whether a file can be trusted to be what the stored row says without reading it."""
+    if row is None or row["status"] == "missing":
+        return False
+    if scanned.problem:
+        return row["status"] == "skipped" and row["skip_reason"] == scanned.problem
+    stat = _stat(scanned.path)
+    if stat is None or (row["size"], row["mtime_ns"]) != (stat.st_size, stat.st_mtime_ns):
+        return False
+    if row["ctime_ns"] is None:  # ingested before change times were stored
+        return row["status"] == "ok"
+    # A same-size replacement with its mtime set back still changes ctime (and often inode).
+    return (row["ctime_ns"], row["inode"]) == (stat.st_ctime_ns, stat.st_ino)
+
+
+def _clean_leftovers(workspace: Workspace) -> int:
+    """Remove temporary thumbnails a killed ingest left (called holding the ingest lock)."""
+    n = 0
+    for tmp in (workspace.path / "thumbs").glob("*/.*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            n += 1
+    return n
+
+
+@contextlib.contextmanager
+def _storage_errors(workspace: Workspace) -> Iterator[None]:
+    """Turn a full disk or a read-only workspace into one line (nothing half-written stays:
+    thumbnails are written by rename, rows in transactions)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _STORAGE_ERRNOS:
+            raise StorageFull(
+                f"the disk holding {workspace.path} is full ({exc.strerror}); free some space "
+                "and run ingest again (what was stored so far is complete)"
+            ) from None
+        if exc.errno in _READ_ONLY_ERRNOS:
+            raise WorkspaceReadOnly(
+                f"workspace {workspace.path} is read-only; ingest needs to write to it"
+            ) from None
+        raise
+    except sqlite3.DatabaseError as exc:
+        raise sqlite_error(workspace.db_path, exc) from None
+
+
+def commit_examined(
+    workspace: Workspace, plan: IngestPlan, examined: Iterable[ExaminedFile]
+) -> None:
+    """Store a batch of verdicts in one transaction (thumbnail bytes still attached are
+    written first, so a row never points at a missing thumbnail)."""
+    rows, touched = [], []
+    for e in examined:
+        if e.thumbnail is not None:
+            e = write_thumbnail(workspace, e)
+        row = plan.known.get(e.relpath)
+        if e.same and row is not None:
+            plan.report.unchanged += 1
+            touched.append((e.size, e.mtime_ns, e.ctime_ns, e.inode, e.relpath))
+            continue
+        _count(plan.report, row, e)
+        rows.append(
+            (
+                e.relpath,
+                e.sha256,
+                e.size,
+                e.mtime_ns,
+                e.ctime_ns,
+                e.inode,
+                e.width,
+                e.height,
+                e.format,
+                "ok" if e.ok else "skipped",
+                e.reason,
+            )
         )
-        _mark_duplicates(conn)
-    report.missing = len(gone)
-    counts = workspace.image_counts()
-    report.ok = counts["ok"]
-    report.duplicates = counts["duplicates"]
-    with workspace.read() as conn:
-        for (reason,) in conn.execute("SELECT skip_reason FROM images WHERE status = 'skipped'"):
-            report.skipped[reason.split(":", 1)[0]] += 1
-    return report
+    if not rows and not touched:
+        return
+    with _storage_errors(workspace), workspace.transaction() as conn:
+        conn.executemany(
+            "UPDATE images SET size = ?, mtime_ns = ?, ctime_ns = ?, inode = ? WHERE relpath = ?",
+            touched,
+        )
+        conn.executemany(
+            """
+            INSERT INTO images(relpath, sha256, size, mtime_ns, ctime_ns, inode, width, height,
+                               format, status, skip_reason)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT(relpath) DO UPDATE SET
+                sha256 = excluded.sha256, size = excluded.size, mtime_ns = excluded.mtime_ns,
+                ctime_ns = excluded.ctime_ns, inode = excluded.inode,
+                width = excluded.width, height = excluded.height, format = excluded.format,
+                status = excluded.status, skip_reason = excluded.skip_reason,
+                updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+            """,
+            rows,
+        )
+
+
+def _count(report: IngestReport, row: sqlite3.Row | None, e: ExaminedFile) -> None:
+    if row is None:
+        report.new += 1
+        return
+    status = "ok" if e.ok else "skipped"
+    if row["status"] == "missing" and e.ok:
+        report.returned += 1
+    same_verdict = (row["sha256"], row["status"], row["skip_reason"]) == (
+        e.sha256,
+        status,
+        e.reason,
+    )
+    if same_verdict:
+        report.unchanged += 1
+    else:
+        report.changed += 1
+
+
+def finish_ingest(workspace: Workspace, plan: IngestPlan) -> IngestReport:
+    """Mark vanished files missing, record exact duplicates, count, and release the lock."""
+    try:
+        report = plan.report
+        seen = {f.relpath for f in plan.files}
+        gone = [
+            rel for rel, row in plan.known.items() if rel not in seen and row["status"] != "missing"
+        ]
+        with _storage_errors(workspace), workspace.transaction() as conn:
+            conn.executemany(
+                "UPDATE images SET status = 'missing', skip_reason = 'missing: file no longer "
+                "exists', updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE relpath = ?",
+                [(rel,) for rel in gone],
+            )
+            _mark_duplicates(conn)
+        report.missing = len(gone)
+        counts = workspace.image_counts()
+        report.ok = counts["ok"]
+        report.duplicates = counts["duplicates"]
+        report.missing = counts["missing"]
+        report.skipped = Counter()
+        with workspace.read() as conn:
+            for (reason,) in conn.execute(
+                "SELECT skip_reason FROM images WHERE status = 'skipped'"
+            ):
+                report.skipped[reason.split(":", 1)[0]] += 1
+        return report
+    finally:
+        if plan.lock is not None:
+            plan.lock.release()
+            plan.lock = None
 
 
 def _stat(path: Path) -> os.stat_result | None:
@@ -363,103 +547,7 @@ def _stat(path: Path) -> os.stat_result | None:
         return None
 
 
-def _examine(scanned: ScannedFile, workspace: Workspace) -> _Outcome:
-    """Read, hash, decode and thumbnail one file; never raises for a bad file."""
-    if scanned.problem:
-        return _Outcome(scanned.relpath, None, None, None, None, scanned.problem)
-    # Non-blocking: a file swapped for a FIFO since the scan must not hang the open. No-follow
-    # when the scan saw a plain file: one swapped for a link since could point anywhere.
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
-    if not scanned.link:
-        flags |= getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(scanned.path, flags)
-    except OSError as exc:
-        detail = (exc.strerror or _short(exc)).lower()
-        return _Outcome(scanned.relpath, None, None, None, None, f"unreadable: {detail}")
-    try:
-        read = _read_regular(scanned, fd)
-    finally:
-        os.close(fd)
-    if isinstance(read, _Outcome):
-        return read
-    stat, data = read
-    sha = hashlib.sha256(data).hexdigest()
-    try:
-        decoded = open_rgb(data)
-    except ImageRejected as exc:
-        return _Outcome(scanned.relpath, stat.st_size, stat.st_mtime_ns, sha, None, exc.reason)
-    thumb_path = workspace.thumbnail_path(sha)
-    if not thumb_path.exists():
-        thumb = make_thumbnail(decoded.image)
-        atomic_write(thumb_path, lambda fh: thumb.save(fh, format="JPEG", quality=85))
-    return _Outcome(scanned.relpath, stat.st_size, stat.st_mtime_ns, sha, decoded, None)
-
-
-def _read_regular(scanned: ScannedFile, fd: int) -> tuple[os.stat_result, bytes] | _Outcome:
-    """The stat and bytes of an open file, or the outcome that says why it is not read."""
-    try:
-        stat = os.fstat(fd)
-        if not S_ISREG(stat.st_mode):
-            # A FIFO or device named like an image would block (or never end) when read.
-            reason = "not a regular file: a pipe, device, socket or folder named like an image"
-            return _Outcome(scanned.relpath, None, None, None, None, reason)
-        if stat.st_size > MAX_FILE_BYTES:
-            # Read whole into memory to hash and decode: cap it before reading, not after.
-            reason = (
-                f"file too large: {stat.st_size:,} bytes, more than the "
-                f"{MAX_FILE_BYTES >> 20:,} MiB limit"
-            )
-            return _Outcome(scanned.relpath, None, None, None, None, reason)
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            return stat, fh.read()
-    except OSError as exc:
-        detail = (exc.strerror or _short(exc)).lower()
-        return _Outcome(scanned.relpath, None, None, None, None, f"unreadable: {detail}")
-
-
-def _store(
-    workspace: Workspace, outcomes: Iterable[_Outcome], known: dict, report: IngestReport
-) -> None:
-    rows = []
-    for o in outcomes:
-        if o.relpath in known:
-            report.changed += 1
-        else:
-            report.new += 1
-        d = o.decoded
-        rows.append(
-            (
-                o.relpath,
-                o.sha256,
-                o.size,
-                o.mtime_ns,
-                d.width if d else None,
-                d.height if d else None,
-                d.format if d else None,
-                "ok" if d else "skipped",
-                o.reason,
-            )
-        )
-    if not rows:
-        return
-    with workspace.transaction() as conn:
-        conn.executemany(
-            """
-            INSERT INTO images(relpath, sha256, size, mtime_ns, width, height, format,
-                               status, skip_reason)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-            ON CONFLICT(relpath) DO UPDATE SET
-                sha256 = excluded.sha256, size = excluded.size, mtime_ns = excluded.mtime_ns,
-                width = excluded.width, height = excluded.height, format = excluded.format,
-                status = excluded.status, skip_reason = excluded.skip_reason,
-                updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-            """,
-            rows,
-        )
-
-
-def _mark_duplicates(conn) -> None:
+def _mark_duplicates(conn: sqlite3.Connection) -> None:
     """Point every exact copy at the first-ingested image with the same content."""
     conn.execute(
         """
@@ -469,3 +557,69 @@ def _mark_duplicates(conn) -> None:
         ) END
         """
     )
+
+
+# -- relocation -------------------------------------------------------------------------------
+
+
+@dataclass
+class RelocateReport:
+    """What `relocate` verified: every usable image is looked up under the new root."""
+
+    old_root: Path | None
+    new_root: Path
+    verified: int = 0
+    missing: list[str] = field(default_factory=list)
+    different: list[str] = field(default_factory=list)
+
+
+def relocate(
+    workspace: Workspace,
+    new_root: str | os.PathLike[str],
+    *,
+    progress: Progress | None = None,
+) -> RelocateReport:
+    """Point the workspace at its collection's new folder, after checking it by content.
+
+    Every usable image is read under ``new_root`` and hashed; the root changes only if at
+    least one image matches and none differs (a missing one is marked missing by the next
+    ingest, keeping its label). Labels, features and runs are keyed by image, so nothing else
+    changes.
+
+    Raises
+    ------
+    InvalidPath
+        ``new_root`` is not a folder, holds none of the images, or holds different content
+        under the same names (nothing is changed).
+    """
+    target = Path(new_root).expanduser().resolve()
+    if not target.is_dir():
+        raise InvalidPath(f"new image folder {target} does not exist or is not a folder")
+    check_collection(target, workspace.path)
+    report = RelocateReport(workspace.collection_root, target)
+    images = [img for img in workspace.images("ok") if img.sha256]
+    if progress:
+        progress(0, len(images))
+    for done, img in enumerate(images, start=1):
+        path = target / img.relpath
+        if not path.is_file():
+            report.missing.append(img.relpath)
+        else:
+            examined = examine_file(
+                ScannedFile(img.relpath, path, link=path.is_symlink()), known_sha256=img.sha256
+            )
+            if examined.same:
+                report.verified += 1
+            else:
+                report.different.append(img.relpath)
+        if progress:
+            progress(done, len(images))
+    if report.different:
+        raise InvalidPath(
+            f"{target} holds different content for {len(report.different)} image(s) "
+            f"(e.g. {report.different[0]!r}); not relocated"
+        )
+    if report.verified == 0:
+        raise InvalidPath(f"{target} holds none of the workspace's images; not relocated")
+    workspace.set_meta("collection_root", str(target))
+    return report

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from imgcluster.errors import ImgclusterError
+from imgcluster.errors import UploadRejected
 from imgcluster.images import IMAGE_EXTENSIONS
 
 #: Largest single image accepted from an upload (a 50 MB product photo is already unusual).
@@ -46,10 +46,6 @@ _CHUNK = 1024 * 1024
 _MAX_NAME_BYTES = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
-
-
-class UploadRejected(ImgclusterError, ValueError):
-    """An uploaded file or archive that is refused as a whole."""
 
 
 @dataclass

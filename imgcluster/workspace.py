@@ -26,167 +26,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from imgcluster.errors import InvalidPath, WorkspaceNotFound, WorkspaceVersionError
+from imgcluster._process import job_lock
+from imgcluster.errors import (
+    Busy,
+    ImgclusterError,
+    InvalidPath,
+    StorageFull,
+    WorkspaceCorrupt,
+    WorkspaceNotFound,
+    WorkspaceReadOnly,
+    WorkspaceVersionError,
+)
+from imgcluster.migrations import MIGRATIONS, SCHEMA_VERSION
+from imgcluster.migrations import _apply_migrations as _apply_migrations
+from imgcluster.migrations import _split_sql as _split_sql
+from imgcluster.paths import DB_NAME, check_collection, plain_name
 
-DB_NAME = "imgcluster.sqlite"
-
-#: Schema steps, applied in order, each once. The schema version is the number applied (stored in
-#: ``PRAGMA user_version``). Append new steps; never edit a released one, so old workspaces migrate.
-MIGRATIONS: list[tuple[str, str]] = [
-    (
-        "images",
-        """
-        CREATE TABLE meta (
-            key TEXT PRIMARY KEY,
-            value TEXT NOT NULL
-        );
-        INSERT INTO meta(key, value) VALUES ('revision', '0');
-        CREATE TABLE images (
-            id INTEGER PRIMARY KEY,
-            relpath TEXT NOT NULL UNIQUE,
-            sha256 TEXT,
-            size INTEGER,
-            mtime_ns INTEGER,
-            width INTEGER,
-            height INTEGER,
-            format TEXT,
-            status TEXT NOT NULL CHECK (status IN ('ok', 'skipped', 'missing')),
-            skip_reason TEXT,
-            duplicate_of INTEGER REFERENCES images(id) ON DELETE SET NULL,
-            added_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-            updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-        );
-        CREATE INDEX images_sha256 ON images(sha256);
-        CREATE INDEX images_status ON images(status);
-        """,
-    ),
-    (
-        "features",
-        """
-        CREATE TABLE feature_shards (
-            id INTEGER PRIMARY KEY,
-            backbone TEXT NOT NULL,
-            file TEXT NOT NULL UNIQUE,
-            n_rows INTEGER NOT NULL,
-            dim INTEGER NOT NULL,
-            created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-        );
-        CREATE TABLE features (
-            backbone TEXT NOT NULL,
-            sha256 TEXT NOT NULL,
-            shard_id INTEGER NOT NULL REFERENCES feature_shards(id) ON DELETE CASCADE,
-            row INTEGER NOT NULL,
-            PRIMARY KEY (backbone, sha256)
-        ) WITHOUT ROWID;
-        CREATE INDEX features_shard ON features(shard_id);
-        """,
-    ),
-    (
-        "clusterings",
-        """
-        CREATE TABLE clusterings (
-            id INTEGER PRIMARY KEY,
-            backbone TEXT NOT NULL,
-            k INTEGER NOT NULL,
-            algorithm TEXT NOT NULL,
-            seed INTEGER NOT NULL,
-            params TEXT NOT NULL DEFAULT '{}',
-            centroids_file TEXT,
-            n_images INTEGER NOT NULL,
-            seconds REAL NOT NULL,
-            created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-        );
-        CREATE TABLE assignments (
-            run_id INTEGER NOT NULL REFERENCES clusterings(id) ON DELETE CASCADE,
-            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-            cluster INTEGER NOT NULL,
-            distance REAL NOT NULL,
-            silhouette REAL,
-            margin REAL,
-            PRIMARY KEY (run_id, image_id)
-        ) WITHOUT ROWID;
-        CREATE INDEX assignments_cluster ON assignments(run_id, cluster, distance);
-        CREATE TABLE projections (
-            id INTEGER PRIMARY KEY,
-            backbone TEXT NOT NULL,
-            method TEXT NOT NULL,
-            fingerprint TEXT NOT NULL,
-            params TEXT NOT NULL DEFAULT '{}',
-            file TEXT NOT NULL,
-            seconds REAL NOT NULL,
-            created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-            UNIQUE (backbone, method, fingerprint)
-        );
-        """,
-    ),
-    (
-        "labels",
-        # Owned by imgcluster/labels.py. Labels are soft-deleted (deleted_at) so undo and redo
-        # bring back the same id, and ids are never reused (AUTOINCREMENT), so a view holding
-        # an id never meets another label under it; the audit log stores row-level
-        # before/after for every change.
-        """
-        CREATE TABLE label_sessions (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            run_id INTEGER NOT NULL REFERENCES clusterings(id),
-            backbone TEXT NOT NULL,
-            active INTEGER NOT NULL DEFAULT 1 CHECK (active IN (0, 1)),
-            version INTEGER NOT NULL DEFAULT 0,
-            geometry_version INTEGER NOT NULL DEFAULT -1,
-            created_by TEXT NOT NULL,
-            created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-        );
-        CREATE UNIQUE INDEX label_sessions_one_active ON label_sessions(active) WHERE active = 1;
-        CREATE TABLE labels (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            session_id INTEGER NOT NULL REFERENCES label_sessions(id) ON DELETE CASCADE,
-            name TEXT NOT NULL,
-            name_key TEXT NOT NULL,
-            cluster INTEGER,
-            created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-            deleted_at TEXT
-        );
-        CREATE INDEX labels_session ON labels(session_id);
-        CREATE UNIQUE INDEX labels_live_name ON labels(session_id, name_key)
-            WHERE deleted_at IS NULL;
-        CREATE TABLE image_labels (
-            session_id INTEGER NOT NULL REFERENCES label_sessions(id) ON DELETE CASCADE,
-            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-            label_id INTEGER NOT NULL REFERENCES labels(id),
-            confirmed INTEGER NOT NULL DEFAULT 0 CHECK (confirmed IN (0, 1)),
-            state TEXT NOT NULL DEFAULT 'normal'
-                CHECK (state IN ('normal', 'excluded', 'unsure')),
-            confidence REAL,
-            distance REAL,
-            margin REAL,
-            silhouette REAL,
-            poor_fit INTEGER NOT NULL DEFAULT 0,
-            alt_label_id INTEGER,
-            updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-            PRIMARY KEY (session_id, image_id)
-        ) WITHOUT ROWID;
-        CREATE INDEX image_labels_label ON image_labels(session_id, label_id, distance);
-        CREATE INDEX image_labels_fit ON image_labels(session_id, label_id, silhouette);
-        CREATE TABLE audit_log (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            session_id INTEGER NOT NULL REFERENCES label_sessions(id) ON DELETE CASCADE,
-            actor TEXT NOT NULL,
-            at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-            op TEXT NOT NULL,
-            kind TEXT NOT NULL CHECK (kind IN ('do', 'undo', 'redo')),
-            target_id INTEGER REFERENCES audit_log(id),
-            status TEXT CHECK (status IN ('done', 'undone', 'dropped')),
-            undo_seq INTEGER,
-            summary TEXT NOT NULL,
-            args TEXT NOT NULL DEFAULT '{}',
-            changes TEXT NOT NULL
-        );
-        CREATE INDEX audit_log_stack ON audit_log(session_id, actor, status, id);
-        """,
-    ),
-]
-
-SCHEMA_VERSION = len(MIGRATIONS)
+__all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "ImageRecord", "Workspace", "atomic_write"]
 
 
 @dataclass(frozen=True)
@@ -224,32 +80,93 @@ class Workspace:
     >>> ws.set_collection_root("sample_data")           # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, create: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = False,
+        read_only: bool | None = None,
+    ) -> None:
         self.path = Path(path).expanduser().resolve()
         self.db_path = self.path / DB_NAME
-        if not self.db_path.exists():
-            if not create:
-                raise WorkspaceNotFound(
-                    f"{self.path} is not an imgcluster workspace (no {DB_NAME}); "
-                    "create one with `imgcluster ingest IMAGE_DIR --workspace WS`"
-                )
-            if self.path.exists() and not self.path.is_dir():
-                raise InvalidPath(f"workspace path {self.path} exists and is not a folder")
-            self.path.mkdir(parents=True, exist_ok=True)
-        for sub in ("features", "thumbs", "runs"):
-            (self.path / sub).mkdir(exist_ok=True)
-        self._migrate()
+        if self.path.exists() and not self.path.is_dir():
+            raise InvalidPath(f"workspace path {self.path} exists and is not a folder")
+        if not self.db_path.exists() and not create:
+            raise WorkspaceNotFound(
+                f"{self.path} is not an imgcluster workspace (no {DB_NAME}); "
+                "create one with `imgcluster ingest IMAGE_DIR --workspace WS`"
+            )
+        if read_only is None:
+            read_only = self.db_path.exists() and not _writable(self.path, self.db_path)
+        #: Opened for browsing and export only (a read-only mount or folder): writes raise
+        #: `WorkspaceReadOnly` saying edits are disabled.
+        self.read_only = read_only
+        if read_only:
+            self._open_read_only()
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        with _creation_lock(self.path):
+            if self.db_path.exists():
+                _check_file(self.db_path)  # an existing database is never re-created
+            else:
+                _refuse_orphaned_files(self.path, self.db_path)
+            for sub in ("features", "thumbs", "runs"):
+                (self.path / sub).mkdir(exist_ok=True)
+            self._migrate()
+
+    def _open_read_only(self) -> None:
+        _check_file(self.db_path)
+        try:
+            with self.read() as conn:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                conn.execute("SELECT COUNT(*) FROM meta").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise sqlite_error(self.db_path, exc) from None
+        if version != SCHEMA_VERSION:
+            raise WorkspaceVersionError(
+                f"read-only workspace {self.path} has schema version {version}, this imgcluster "
+                f"needs {SCHEMA_VERSION}; open it once where it can be written to upgrade it"
+            )
 
     # -- connections -------------------------------------------------------------------------
 
     def connect(self) -> sqlite3.Connection:
         """Open a new connection (one per operation and thread; never cache it)."""
+        if self.read_only:
+            return self._connect_read_only()
         conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA busy_timeout = 60000")
         conn.execute("PRAGMA synchronous = NORMAL")
         return conn
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        # mode=ro reads a WAL database when its -shm can be made or already exists; on a
+        # read-only mount neither holds, and immutable=1 (nothing can change it) is the way.
+        uri = self.db_path.as_uri()
+        conn = None
+        for query in ("?mode=ro", "?mode=ro&immutable=1"):
+            conn = sqlite3.connect(uri + query, uri=True, timeout=60, isolation_level=None)
+            try:
+                conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+                break
+            except sqlite3.OperationalError:
+                conn.close()
+                conn = None
+        if conn is None:
+            raise WorkspaceCorrupt(f"workspace database {self.db_path} cannot be read")
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 60000")
+        return conn
+
+    def require_writable(self) -> None:
+        """Raise `WorkspaceReadOnly` when this workspace was opened read-only."""
+        if self.read_only:
+            raise WorkspaceReadOnly(
+                f"workspace {self.path} is read-only (a read-only folder or mount): "
+                "edits are disabled; browsing and export still work"
+            )
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
@@ -266,6 +183,7 @@ class Workspace:
         serialise instead of failing halfway with "database is locked"; the revision counter is
         bumped so cached readers keyed on it see the change. ``bump_revision=False`` is for
         derived data every reader would compute alike (invalidating caches would be waste)."""
+        self.require_writable()
         conn = self.connect()
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -277,7 +195,9 @@ class Workspace:
                     )
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # A failed COMMIT (disk full) may have rolled back already: keep its error.
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
                 raise
         finally:
             conn.close()
@@ -295,14 +215,16 @@ class Workspace:
                         f"workspace {self.path} has schema version {version}, newer than this "
                         f"imgcluster's {SCHEMA_VERSION}; upgrade imgcluster to open it"
                     )
-                for _name, sql in MIGRATIONS[version:]:
-                    for statement in _split_sql(sql):
-                        conn.execute(statement)
+                if version < SCHEMA_VERSION:
+                    _apply_migrations(conn, version, self.db_path)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
                 raise
+        except sqlite3.DatabaseError as exc:
+            raise sqlite_error(self.db_path, exc) from None
         finally:
             conn.close()
 
@@ -342,6 +264,7 @@ class Workspace:
         resolved = Path(root).expanduser().resolve()
         if not resolved.is_dir():
             raise InvalidPath(f"image folder {resolved} does not exist or is not a folder")
+        check_collection(resolved, self.path)
         current = self.collection_root
         if current is not None and current != resolved:
             raise InvalidPath(
@@ -418,12 +341,61 @@ class Workspace:
 
     def features_dir(self, backbone: str) -> Path:
         folder = self.path / "features" / backbone
-        folder.mkdir(parents=True, exist_ok=True)
+        if not self.read_only:
+            folder.mkdir(parents=True, exist_ok=True)
         return folder
 
     @property
     def runs_dir(self) -> Path:
         return self.path / "runs"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Where files uploaded through the app are saved; a workspace made from uploads has
+        this folder as its collection root (it may take more uploads). Not created here."""
+        return self.path / "uploads"
+
+    @property
+    def exports_dir(self) -> Path:
+        """Where the app writes exports (one plain-named sub-folder each). Not created here."""
+        return self.path / "exports"
+
+    def export_dir(self, name: str) -> Path:
+        """The export folder called ``name`` under `exports_dir`; ``name`` must be a plain
+        folder name (letters, digits, ``._-``), never a path from the browser."""
+        return self.exports_dir / plain_name(name, what="export name")
+
+    @property
+    def takes_uploads(self) -> bool:
+        """Whether this workspace's collection is its own uploads folder."""
+        return self.collection_root == self.uploads_dir
+
+    def source_files(
+        self, conn: sqlite3.Connection | None = None
+    ) -> dict[str, tuple[str | None, str | None]]:
+        """``relpath -> (absolute source path, stored format)`` of every image row, one query.
+
+        The bulk form of `source_path` for readers of many images (the export preview at 100k
+        images): the collection root is read once, on ``conn`` when the caller has one open,
+        and each relpath is checked lexically (not absolute, no ``..``), never resolved, so no
+        file is touched. Whoever opens a file checks what it finds (export verifies its hash).
+        A relpath that would leave the collection maps to path None. (Added by H5, export.)
+        """
+        if conn is None:
+            with self.read() as own:
+                return self.source_files(own)
+        row = conn.execute("SELECT value FROM meta WHERE key = 'collection_root'").fetchone()
+        root = row[0].rstrip("/") if row else None
+        files: dict[str, tuple[str | None, str | None]] = {}
+        for relpath, fmt in conn.execute("SELECT relpath, format FROM images"):
+            unsafe = (
+                root is None
+                or relpath.startswith("/")
+                or "\0" in relpath
+                or (".." in relpath and ".." in relpath.split("/"))
+            )
+            files[relpath] = (None if unsafe else f"{root}/{relpath}", fmt)
+        return files
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -447,6 +419,111 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _corrupt(db_path: Path, exc: BaseException) -> WorkspaceCorrupt:
+    return WorkspaceCorrupt(
+        f"workspace database {db_path} is damaged ({_reason(exc)}); it was not changed. "
+        f"Run `imgcluster check --workspace {db_path.parent}` and restore it from a backup"
+    )
+
+
+def sqlite_error(db_path: Path, exc: sqlite3.DatabaseError) -> ImgclusterError:
+    """The library error for an SQLite failure on ``db_path``: a full disk, a read-only file,
+    or a damaged database (a raw `sqlite3` exception is never shown to people)."""
+    text = str(exc).lower()
+    if isinstance(exc, sqlite3.OperationalError):
+        if "full" in text or "i/o" in text:
+            return StorageFull(
+                f"cannot write {db_path} ({exc}: the disk is probably full); free some space "
+                "and run the command again (every committed step is intact)"
+            )
+        if "readonly" in text or "read-only" in text or "unable to open" in text:
+            return WorkspaceReadOnly(
+                f"cannot write {db_path} ({exc}): the workspace is read-only, edits are disabled"
+            )
+        if "locked" in text or "busy" in text:
+            return Busy(f"{db_path} is busy ({exc}); another process holds it, try again")
+    return _corrupt(db_path, exc)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _check_file(db_path: Path) -> None:
+    """Refuse, from its header alone, a database file that is not a whole SQLite database.
+
+    Opening an empty or foreign file with sqlite3 would silently make it a new empty database
+    (the labels lost for good); a truncated one fails later with a raw "malformed" error.
+    """
+    try:
+        size = db_path.stat().st_size
+        with open(db_path, "rb") as fh:
+            header = fh.read(100)
+    except OSError as exc:
+        raise WorkspaceCorrupt(
+            f"workspace database {db_path} cannot be read ({(exc.strerror or '').lower()}); "
+            "check its permissions"
+        ) from None
+    if size == 0:
+        raise WorkspaceCorrupt(
+            f"workspace database {db_path} is empty (0 bytes): it was truncated, and is not "
+            "re-created over your labels; restore it from a backup, or move it away to start over"
+        )
+    if not header.startswith(_SQLITE_MAGIC) or len(header) < 100:
+        raise WorkspaceCorrupt(
+            f"workspace database {db_path} is not an SQLite database; restore it from a backup"
+        )
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    valid = header[24:28] == header[92:96]  # the in-header size is current
+    wal = db_path.with_name(db_path.name + "-wal")
+    pending = wal.exists() and wal.stat().st_size > 0  # a checkpoint may be half done
+    if valid and pages and not pending and size < pages * page_size:
+        raise WorkspaceCorrupt(
+            f"workspace database {db_path} is truncated ({size:,} of {pages * page_size:,} "
+            "bytes); restore it from a backup"
+        )
+
+
+def _refuse_orphaned_files(folder: Path, db_path: Path) -> None:
+    """A folder with a workspace's thumbnails or vectors but no database lost its database:
+    creating a new one there would pass for the old project with none of its labels."""
+    for sub in ("thumbs", "features", "runs"):
+        try:
+            used = any((folder / sub).iterdir())
+        except OSError:
+            continue
+        if used:
+            raise WorkspaceCorrupt(
+                f"{folder} holds a workspace's {sub}/ but its database {db_path.name} is gone; "
+                "restore it from a backup, or use a new workspace folder"
+            )
+
+
+def _writable(folder: Path, db_path: Path) -> bool:
+    """Whether this process may write the database and its folder (WAL needs both)."""
+    try:
+        fd = os.open(db_path, os.O_RDWR)
+        os.close(fd)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _creation_lock(folder: Path) -> Iterator[None]:
+    """Serialise creating and migrating a workspace between processes."""
+    with job_lock(folder / ".create.lock", wait=120, what="opening the workspace"):
+        yield
+
+
 def _enable_wal(conn: sqlite3.Connection, *, timeout: float = 60.0) -> None:
     """Switch the database to WAL, waiting out a second opener.
 
@@ -466,6 +543,21 @@ def _enable_wal(conn: sqlite3.Connection, *, timeout: float = 60.0) -> None:
             time.sleep(0.02)
 
 
-def _split_sql(script: str) -> list[str]:
-    """Split a migration into statements (none of ours contain a literal ';')."""
-    return [part.strip() for part in script.split(";") if part.strip()]
+def read_collection_root(conn: sqlite3.Connection) -> Path | None:
+    """`Workspace.collection_root` through the caller's open connection (e.g. inside its
+    transaction), for modules that must not read the ``meta`` table with their own SQL."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'collection_root'").fetchone()
+    return Path(row[0]) if row and row[0] else None
+
+
+def delete_meta(conn: sqlite3.Connection, key: str) -> None:
+    """Forget a ``meta`` key inside the caller's transaction (e.g. a feature set's cached
+    fingerprint, dropped together with its vectors), for modules that must not write the
+    ``meta`` table with their own SQL."""
+    conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+
+
+# Public names for `imgcluster.check`.
+check_database_file = _check_file
+short_reason = _reason
+split_sql = _split_sql

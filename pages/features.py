@@ -1,17 +1,18 @@
-"""Features page: choose the CNN backbone and compute (or reuse) one vector per image."""
+"""Features page: choose the CNN backbone (or the fusion of two) and compute (or reuse) one
+vector per image."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from imgcluster.backbones import Backbone, list_backbones
+from imgcluster.backbones import FeatureSet, list_feature_sets
 from imgcluster.workspace import Workspace
-from pages import _common as common
+from imgcluster_app import common, router
 
-common.require_router()
+router.enter()
 
 
-def describe(backbone: Backbone) -> str:
+def describe(backbone: FeatureSet) -> str:
     # Must not change when vectors are computed: the browser matches the radio's selection by
     # these texts, and a changed text shows no choice selected.
     if backbone.offline:
@@ -55,7 +56,8 @@ def main() -> None:
         st.page_link("pages/images.py", label="Images", icon=":material/arrow_back:")
         return
     done = common.feature_counts(*common.ws_key(ws))
-    backbones = sorted(list_backbones(), key=lambda b: not b.offline)  # offline ones first
+    # Offline ones first; "best quality: Lite0 + Lite2" (a fusion) is one of the choices.
+    backbones = sorted(list_feature_sets(), key=lambda b: not b.offline)
     names = [b.name for b in backbones]
     by_name = {b.name: b for b in backbones}
     current = common.active_backbone(ws)

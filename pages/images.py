@@ -7,9 +7,9 @@ import streamlit as st
 from imgcluster.images import IMAGE_EXTENSIONS, ingest
 from imgcluster.uploads import save_uploads
 from imgcluster.workspace import Workspace
-from pages import _common as common
+from imgcluster_app import common, router
 
-common.require_router()
+router.enter()
 
 PER_PAGE = 48
 
@@ -41,6 +41,29 @@ def upload_more(ws: Workspace) -> None:
             rescan(ws)
 
 
+def relocate_panel(ws: Workspace) -> None:
+    """The photos were moved: point the workspace at their new folder (checked by content)."""
+    from imgcluster.images import relocate
+
+    with st.expander("The photos moved? Point this workspace at their new folder"):
+        st.caption(
+            "Every image is looked up in the new folder and compared by content; nothing "
+            "changes unless they match. Labels, features and runs stay as they are."
+        )
+        folder = st.text_input("New image folder", key="images_relocate_path")
+        if st.button("Check and relocate", key="images_relocate_go"):
+            with common.guard():
+                target = common.resolve_under(folder, common.allowed_roots())
+                bar = common.ProgressBar("Checking images")
+                report = relocate(ws, target, progress=bar)
+                bar.finish()
+                common.flash(
+                    f"Now reading the photos from {report.new_root}: {report.verified:,} "
+                    f"verified, {len(report.missing):,} not found there"
+                )
+                st.rerun()
+
+
 def main() -> None:
     ws = common.require_workspace()
     st.title("Images")
@@ -58,8 +81,10 @@ def main() -> None:
         with common.guard():
             if st.button("Scan the folder again", key="images_rescan", icon=":material/refresh:"):
                 rescan(ws)
-        if root == ws.path / "uploads":
+        if ws.takes_uploads:
             upload_more(ws)
+        else:
+            relocate_panel(ws)
 
     skipped = common.skipped(*common.ws_key(ws))
     if skipped:

@@ -1,126 +1,360 @@
-"""Label page: one label at a time as a thumbnail grid, most typical first, misfits flagged;
-select images and move or exclude them; rename, merge, split, confirm; undo and redo; a
-larger view of one image with its nearest neighbours."""
+"""Label page: one label at a time as a grid of photos, most typical first, misfits flagged.
+Select images in the grid (in the browser, no round trip per click) and move, confirm, mark
+unsure or exclude them; rename, merge, split, confirm; gather strays from other labels; undo
+and redo; a larger view of one image with its nearest neighbours.
+
+Where the annotator is (label, order, page) lives in the URL and survives a reload. Widgets
+whose value the page changes itself (the label chooser after "next label", the page after a
+label switch) are keyed with a counter instead of being written through the Session State
+API, so each starts from the value the page wants and Streamlit never warns.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import streamlit as st
 
 from imgcluster import labels as lb
+from imgcluster.errors import ImgclusterError
 from imgcluster.workspace import Workspace
-from pages import _common as common
-from pages import _views as views
+from imgcluster_app import common, grid, router, views
 
-common.require_router()
+router.enter()
 
 PER_PAGE = 48
-COLUMNS = 8
 ORDERS = {
     "typicality": "Most typical first",
     "misfit": "Worst fit first",
     "relpath": "By file name",
 }
-LABEL_KEY = f"{common.VIEW_PREFIX}label"
-SELECTED_KEY = f"{common.VIEW_PREFIX}selected"
-SEL_PREFIX = f"{common.VIEW_PREFIX}sel_"
-FOCUS_KEY = f"{common.VIEW_PREFIX}focus"
+SORTS = {"name": "Name", "size": "Size", "misfits": "Misfits"}
+#: Most images a search lists (a search narrows a label; its pages are cut in Python).
+SEARCH_LIMIT = 5000
+
+V = common.VIEW_PREFIX
+LABEL_KEY = f"{V}label"  # id of the label shown (the truth; widgets follow it)
+ORDER_KEY = f"{V}label_order_value"
+PAGE_DEFAULT = f"{V}label_page_start"  # the page a freshly keyed pagination starts on
+NONCE = {
+    "pick": f"{V}label_pick_nonce",
+    "page": f"{V}label_page_nonce",
+    "order": f"{V}label_order_nonce",
+    "grid": f"{V}label_grid_nonce",
+    "popover": f"{V}label_popover_nonce",
+}
+URL_SEEN = f"{V}label_url_seen"
+VIEW_NOW = f"{V}label_view_now"
+FOCUS_KEY = f"{V}focus"  # {"id": image id, "index": its place in the label's order or None}
+RERUN_APP = f"{V}label_rerun_app"
+SEARCH_KEY = f"{V}label_search"
+SORT_KEY = f"{V}label_sort"
+GATHER_KEY = f"{V}label_gather"
+POPOVERS = {"rename": "label_pop_rename", "merge": "label_pop_merge", "split": "label_pop_split"}
 
 
-# -- selection: kept apart from the checkboxes, whose state Streamlit drops off-page ------------
+def _nonce(name: str) -> int:
+    return int(st.session_state.get(NONCE[name], 0))
 
 
-def selected() -> dict[int, int]:
-    """Selected image id -> the label id it was shown in (checked again when acting)."""
-    return st.session_state.setdefault(SELECTED_KEY, {})
+def _bump(*names: str) -> None:
+    for name in names:
+        st.session_state[NONCE[name]] = _nonce(name) + 1
 
 
-def _toggle(image_id: int, label_id: int) -> None:
-    if st.session_state.get(f"{SEL_PREFIX}{image_id}"):
-        selected()[image_id] = label_id
-    else:
-        selected().pop(image_id, None)
+def show_label(label_id: int, *, page: int = 1, from_chooser: bool = False) -> None:
+    """Open ``label_id`` on ``page``: the pagination starts afresh, no selection is kept, and
+    the chooser follows (a fresh key) unless the pick came from the chooser itself."""
+    st.session_state[LABEL_KEY] = label_id
+    st.session_state[PAGE_DEFAULT] = page
+    st.session_state.pop(FOCUS_KEY, None)
+    _bump("page", "grid")
+    if not from_chooser:
+        _bump("pick")
 
 
-def clear_selection() -> None:
-    for key in [k for k in st.session_state if str(k).startswith(SEL_PREFIX)]:
-        del st.session_state[key]
-    st.session_state[SELECTED_KEY] = {}
+# -- the place in the URL ---------------------------------------------------------------------
 
 
-def _select_page(items: list[lb.LabeledImage]) -> None:
-    for item in items:
-        st.session_state[f"{SEL_PREFIX}{item.image_id}"] = True
-        selected()[item.image_id] = item.label_id
+def _place_in_url() -> dict[str, str | None]:
+    return {k: st.query_params.get(k) for k in ("label", "order", "page")}
 
 
-def _open(image_id: int) -> None:
-    st.session_state[FOCUS_KEY] = image_id
+def restore_place(table: views.LabelTable) -> None:
+    """Take label, order and page from the URL when it says something this tab did not write
+    (a reload, a shared link, a link from the Clusters page)."""
+    wanted = _place_in_url()
+    if wanted == st.session_state.get(URL_SEEN) or not any(wanted.values()):
+        return
+    by_name = {s.name: s.id for s in table.summaries}
+    label_id = by_name.get(wanted["label"] or "")
+    if label_id is None and (wanted["label"] or "").isdigit():
+        # An older link form names the label by id (a name always wins over an id).
+        label_id = next((s.id for s in table.summaries if str(s.id) == wanted["label"]), None)
+    if label_id is not None:
+        page = int(wanted["page"]) if (wanted["page"] or "").isdigit() else 1
+        show_label(label_id, page=max(1, page))
+    if wanted["order"] in ORDERS and wanted["order"] != st.session_state.get(ORDER_KEY):
+        st.session_state[ORDER_KEY] = wanted["order"]
+        _bump("order")
+    st.session_state[URL_SEEN] = wanted
+
+
+def write_place(name: str, order: str, page: int) -> None:
+    """Mirror the place in the URL (page and order only when not the defaults)."""
+    place = {"label": name, "order": None if order == "typicality" else order}
+    place["page"] = str(page) if page > 1 else None
+    for key, value in place.items():
+        if value is None:
+            if key in st.query_params:
+                del st.query_params[key]
+        elif st.query_params.get(key) != value:
+            st.query_params[key] = value
+    st.session_state[URL_SEEN] = _place_in_url()
 
 
 # -- operations: one library call each, run as widget callbacks --------------------------------
+
+
+def _close(popover: str) -> None:
+    """Close a popover after its action: a fresh key makes a new popover, closed (setting the
+    open state of the old one from a callback did not always reach the browser)."""
+    st.session_state.pop(_popover_key(popover), None)
+    _bump("popover")
+
+
+def _popover_key(name: str) -> str:
+    return f"{POPOVERS[name]}_{_nonce('popover')}"
 
 
 def _rename(ws: Workspace, label_id: int, version: int) -> str:
     new = (st.session_state.get("label_rename_name") or "").strip()
     result = lb.rename(ws, label_id, new, actor=views.actor(), expected=version)
     st.session_state["label_rename_name"] = ""
+    _close("rename")
     return result.summary
 
 
 def _merge(ws: Workspace, label_id: int, version: int) -> str:
     others = st.session_state.get("label_merge_with") or []
     if not others:
-        raise lb.UnknownCluster("choose the labels to merge into this one")
+        raise lb.UnknownLabel("choose the labels to merge into this one")
     result = lb.merge(ws, [label_id, *others], into=label_id, actor=views.actor(), expected=version)
     st.session_state["label_merge_with"] = []
+    _close("merge")
     return result.summary
 
 
 def _split(ws: Workspace, label_id: int, version: int) -> str:
     n = int(st.session_state.get("label_split_n") or 2)
-    return lb.split(ws, label_id, n, actor=views.actor(), expected=version).summary
+    result = lb.split(ws, label_id, n, actor=views.actor(), expected=version)
+    _close("split")
+    return result.summary
 
 
-def _confirm(ws: Workspace, label_id: int, shown: list[int] | None) -> str:
+def _confirm_label(ws: Workspace, label_id: int, shown: list[int] | None) -> str:
     return lb.confirm(ws, label_id, actor=views.actor(), expected=shown).summary
 
 
-def _delete(ws: Workspace, label_id: int, version: int) -> str:
-    st.session_state.pop(LABEL_KEY, None)
-    return lb.delete_label(ws, label_id, actor=views.actor(), expected=version).summary
+def _delete_empty(ws: Workspace, version: int) -> str:
+    return lb.delete_empty_labels(ws, actor=views.actor(), expected=version).summary
 
 
-def _set_state(ws: Workspace, state: str, images: dict[int, int] | None = None) -> str:
-    chosen = dict(images if images is not None else selected())
-    result = lb.set_state(ws, list(chosen), state, actor=views.actor(), expected=chosen)
-    clear_selection()
+def _next_label(ws: Workspace) -> str | None:
+    nxt = lb.next_label_to_review(ws)
+    if nxt is None:
+        return "Every image has been reviewed"
+    show_label(nxt.id)
+    return None
+
+
+def _apply(ws: Workspace, label_id: int, payload: dict[str, Any]) -> str:
+    """One grid action on exactly the images it names (checked against what was shown)."""
+    if payload.get("view") != st.session_state.get(VIEW_NOW):
+        raise lb.StaleState("the page changed since these images were selected; select again")
+    ids = [int(i) for i in payload.get("ids") or []]
+    if not ids:
+        raise lb.UnknownImage("select some images first")
+    shown = dict.fromkeys(ids, label_id)
+    kind = payload.get("kind")
+    who = views.actor()
+    if kind == "move":
+        if payload.get("new_name"):
+            target: int | str = lb.validate_name(str(payload["new_name"]).strip())
+            result = lb.move(ws, ids, target, create=True, actor=who, expected=shown)
+        else:
+            target = int(payload["target"])
+            result = lb.move(ws, ids, target, create=False, actor=who, expected=shown)
+    elif kind == "confirm":
+        result = lb.confirm_images(ws, ids, actor=who, expected=shown)
+    elif kind in ("unsure", "excluded", "normal"):
+        result = lb.set_state(ws, ids, kind, actor=who, expected=shown)
+    else:
+        raise lb.StaleState(f"unknown action {kind!r}")
     return result.summary
+
+
+def _on_grid_action(ws: Workspace, label_id: int, payload: dict[str, Any]) -> None:
+    views.callback(_apply, ws, label_id, payload)()
+    _bump("grid")  # a new view: the selection that was used is gone
+
+
+def _on_open(index_of: dict[int, int], image_id: int) -> None:
+    st.session_state[FOCUS_KEY] = {"id": image_id, "index": index_of.get(image_id)}
 
 
 # -- drawing ----------------------------------------------------------------------------------
 
 
-def label_picker(table: views.LabelTable) -> lb.LabelSummary:
+def _describe(s: lb.LabelSummary) -> str:
+    text = f"{s.name} — {s.count:,} images"
+    if s.misfits:
+        text += f", {s.misfits} misfit{'s' if s.misfits != 1 else ''}"
+    if s.reviewed:
+        text += f", {s.reviewed:,} reviewed"
+    return text
+
+
+def _sorted(summaries: list[lb.LabelSummary], how: str) -> list[lb.LabelSummary]:
+    if how == "size":
+        return sorted(summaries, key=lambda s: (-s.count, s.name.lower()))
+    if how == "misfits":
+        return sorted(summaries, key=lambda s: (-s.misfits, -s.count, s.name.lower()))
+    return sorted(summaries, key=lambda s: s.name.lower())
+
+
+def label_picker(ws: Workspace, table: views.LabelTable) -> lb.LabelSummary:
+    """The label chooser (keyed: its identity never depends on the label shown), the label
+    sort and the search box."""
     by_id = {s.id: s for s in table.summaries}
-    ids = list(by_id)
-    current = st.session_state.get(LABEL_KEY)
-    if current not in by_id:
-        current = ids[0]
+    if st.session_state.get(LABEL_KEY) not in by_id:
+        # The chooser is rebuilt only when it showed a label that is gone.
+        show_label(table.summaries[0].id, from_chooser=LABEL_KEY not in st.session_state)
+    pick, sort, search = st.columns([5, 2, 3], vertical_alignment="bottom")
+    how = (
+        sort.segmented_control(
+            "Sort labels by",
+            list(SORTS),
+            format_func=SORTS.__getitem__,
+            default="name",
+            key=SORT_KEY,
+            required=True,
+        )
+        or "name"
+    )
+    ids = [s.id for s in _sorted(table.summaries, how)]
+    key = f"{V}label_pick_{_nonce('pick')}"
 
-    def describe(i: int) -> str:
-        s = by_id[i]
-        text = f"{s.name} — {s.count:,} images"
-        if s.misfits:
-            text += f", {s.misfits} misfit{'s' if s.misfits != 1 else ''}"
-        if s.confirmed:
-            text += f", {s.confirmed} confirmed"
-        return text
+    def picked() -> None:
+        chosen = st.session_state.get(key)
+        if chosen is not None and chosen != st.session_state.get(LABEL_KEY):
+            show_label(chosen, from_chooser=True)
 
-    chosen = st.selectbox("Label", ids, index=ids.index(current), format_func=describe)
-    if chosen != st.session_state.get(LABEL_KEY):
-        st.session_state[LABEL_KEY] = chosen
-        st.session_state.pop(f"{common.VIEW_PREFIX}label_page", None)
-    return by_id[chosen]
+    pick.selectbox(
+        "Label",
+        ids,
+        index=ids.index(st.session_state[LABEL_KEY]),
+        format_func=lambda i: _describe(by_id[i]),
+        key=key,
+        on_change=picked,
+    )
+    search.text_input(
+        "Find files",
+        key=SEARCH_KEY,
+        placeholder="file name or folder",
+        on_change=_searched,
+    )
+    return by_id[st.session_state[LABEL_KEY]]
+
+
+def _searched() -> None:
+    """A new search starts on its first page, with nothing selected."""
+    st.session_state[PAGE_DEFAULT] = 1
+    _bump("page", "grid")
+
+
+def progress_panel(ws: Workspace, table: views.LabelTable, summary: lb.LabelSummary) -> None:
+    """Where the work stands: this label and the whole workspace, and what to do next."""
+    total = sum(s.count for s in table.summaries)
+    reviewed = sum(s.reviewed for s in table.summaries)
+    confirmed = sum(s.confirmed for s in table.summaries)
+    by_hand = sum(s.by_hand for s in table.summaries)
+    left, right = st.columns([4, 2], vertical_alignment="center")
+    left.progress(
+        reviewed / total if total else 1.0,
+        text=f"Reviewed {reviewed:,} of {total:,} images · {confirmed:,} confirmed · "
+        f"{by_hand:,} moved by hand · {len(table.summaries)} labels",
+    )
+    right.button(
+        "Next label to review",
+        key="label_next",
+        icon=":material/skip_next:",
+        help="The label with the most images nobody has reviewed yet",
+        on_click=views.callback(_next_label, ws),
+    )
+    st.caption(
+        f"**{common.md_escape(summary.name)}**: {summary.count:,} images · "
+        f"{summary.reviewed:,} reviewed · {summary.confirmed:,} confirmed · "
+        f"{summary.by_hand:,} moved by hand · {summary.misfits:,} misfits"
+        + (f" · {summary.unsure:,} unsure" if summary.unsure else "")
+        + (f" · {summary.excluded:,} excluded" if summary.excluded else "")
+    )
+    if table.empty:
+        n = len(table.empty)
+        cols = st.columns([4, 2], vertical_alignment="center")
+        cols[0].caption(
+            f"{n} empty label{'s' if n != 1 else ''} hidden: "
+            + common.md_escape(", ".join(table.empty[:6]) + (", ..." if n > 6 else ""))
+        )
+        cols[1].button(
+            f"Delete {n} empty label{'s' if n != 1 else ''}",
+            key="label_delete_empty",
+            icon=":material/delete_sweep:",
+            on_click=views.callback(_delete_empty, ws, table.version),
+        )
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _suggested_name(path: str, revision: int, backbone: str, label_id: int, ids: tuple) -> str:
+    """A name from the label's mean ImageNet classes ("" when there are no stored class
+    probabilities, e.g. features extracted before they were kept)."""
+    try:
+        from imgcluster.features import suggest_names
+    except ImportError:
+        return ""
+    try:
+        return suggest_names(common.workspace(path), backbone, {label_id: list(ids)}).get(
+            label_id, ""
+        )
+    except ImgclusterError:
+        return ""
+
+
+def _accept_name(ws: Workspace, label_id: int, name: str, version: int) -> str:
+    return lb.rename(ws, label_id, name, actor=views.actor(), expected=version).summary
+
+
+def suggestion(ws: Workspace, table: views.LabelTable, summary: lb.LabelSummary) -> None:
+    """Beside a label still called ``cluster_NN``: a suggested name, accepted in one click."""
+    if not summary.name.startswith("cluster_"):
+        return
+    session = lb.active_session(ws)
+    if session is None:
+        return
+    ids = tuple(int(i) for i in table.image_ids[table.label_ids == summary.id].tolist())
+    name = _suggested_name(str(ws.path), ws.revision, session.backbone, summary.id, ids)
+    if not name or name in table.names:
+        return
+    cols = st.columns([4, 2], vertical_alignment="center")
+    cols[0].caption(
+        f"Suggested name (ImageNet classes of its photos): **{common.md_escape(name)}**"
+    )
+    cols[1].button(
+        f"Name it {name}",
+        key="label_accept_name",
+        icon=":material/auto_awesome:",
+        on_click=views.callback(_accept_name, ws, summary.id, name, table.version),
+    )
 
 
 def label_tools(
@@ -128,7 +362,9 @@ def label_tools(
 ) -> None:
     others = {s.id: s.name for s in table.summaries if s.id != summary.id}
     bar = st.container(horizontal=True, vertical_alignment="center")
-    with bar.popover("Rename", icon=":material/edit:"):
+    with bar.popover(
+        "Rename", icon=":material/edit:", key=_popover_key("rename"), on_change="rerun"
+    ):
         st.text_input(
             "New name",
             key="label_rename_name",
@@ -141,20 +377,28 @@ def label_tools(
             type="primary",
             on_click=views.callback(_rename, ws, summary.id, table.version),
         )
-    with bar.popover("Merge", icon=":material/merge:"):
-        st.multiselect(
-            "Merge these labels into this one",
-            list(others),
-            format_func=others.__getitem__,
-            key="label_merge_with",
-        )
+    with bar.popover(
+        "Merge", icon=":material/merge:", key=_popover_key("merge"), on_change="rerun"
+    ):
+        # The button sits above the list, so the list's dropdown never covers it.
         st.button(
             "Merge",
             key="label_merge",
             type="primary",
             on_click=views.callback(_merge, ws, summary.id, table.version),
         )
-    with bar.popover("Split", icon=":material/call_split:"):
+        st.multiselect(
+            "Merge these labels into this one",
+            list(others),
+            format_func=others.__getitem__,
+            key="label_merge_with",
+            select_all=False,  # merging every label into one is never what anyone wants
+            placeholder="Choose labels",
+        )
+        st.caption("Their images join this label; Undo splits them apart again.")
+    with bar.popover(
+        "Split", icon=":material/call_split:", key=_popover_key("split"), on_change="rerun"
+    ):
         st.number_input("Into how many labels", 2, 20, 2, key="label_split_n")
         st.caption("KMeans over the label's unconfirmed images; the largest part keeps the name.")
         st.button(
@@ -169,171 +413,254 @@ def label_tools(
         icon=":material/verified:",
         help="Mark the label's images as checked (images marked unsure stay open).",
         # When the whole label is on the page, confirm exactly what was shown.
-        on_click=views.callback(_confirm, ws, summary.id, shown),
+        on_click=views.callback(_confirm_label, ws, summary.id, shown),
     )
-    if summary.count == 0:
-        bar.button(
-            "Delete label",
-            key="label_delete",
-            icon=":material/delete:",
-            on_click=views.callback(_delete, ws, summary.id, table.version),
+
+
+def page_controls(summary: lb.LabelSummary, n_items: int) -> tuple[str, int]:
+    """Order and page; both start where the page wants them (keyed by counters)."""
+    left, right = st.columns([3, 4], vertical_alignment="center")
+    order_key = f"{V}label_order_{_nonce('order')}"
+
+    def ordered() -> None:
+        st.session_state[ORDER_KEY] = st.session_state.get(order_key) or "typicality"
+        st.session_state[PAGE_DEFAULT] = 1
+        _bump("page", "grid")
+
+    order = (
+        left.segmented_control(
+            "Order",
+            list(ORDERS),
+            format_func=ORDERS.__getitem__,
+            default=st.session_state.get(ORDER_KEY, "typicality"),
+            key=order_key,
+            required=True,
+            on_change=ordered,
+            label_visibility="collapsed",
         )
-
-
-def cell(ws: Workspace, item: lb.LabeledImage) -> None:
-    flags = []
-    if item.misfit:
-        flags.append("⚠ misfit" + (f" → {item.nearest_other}" if item.nearest_other else ""))
-    if item.confirmed:
-        flags.append("✓ confirmed")
-    if item.state != "normal":
-        flags.append(item.state)
-    name = common.md_escape(common.short_name(item.relpath, 14))
-    square = common.square_thumbnail(str(ws.path), item.sha256)
-    if square is not None:
-        # Two caption lines in every cell, so the checkboxes line up across a row.
-        flag_line = common.md_escape(" · ".join(flags)) or "\u00a0"
-        st.image(square, width="stretch", caption=f"{name}  \n{flag_line}")
-    pick, view = st.columns([3, 1], gap="small", vertical_alignment="center")
-    pick.checkbox(
-        name,
-        label_visibility="collapsed",
-        key=f"{SEL_PREFIX}{item.image_id}",
-        value=item.image_id in selected(),
-        on_change=_toggle,
-        args=(item.image_id, item.label_id),
+        or "typicality"
     )
-    view.button(
-        ":material/open_in_full:",
-        key=f"label_view_{item.image_id}",
-        type="tertiary",
-        help="Larger view",
-        on_click=_open,
-        args=(item.image_id,),
-    )
-
-
-def grid(ws: Workspace, summary: lb.LabelSummary, order: str) -> list[lb.LabeledImage]:
-    pages = common.n_pages(summary.count, PER_PAGE)
+    pages = common.n_pages(n_items, PER_PAGE)
     page = 1
     if pages > 1:
-        page = st.pagination(pages, key=f"{common.VIEW_PREFIX}label_page")
-    items = lb.label_images(
-        ws, summary.id, offset=(page - 1) * PER_PAGE, limit=PER_PAGE, order=order
+        start = min(max(1, int(st.session_state.get(PAGE_DEFAULT, 1))), pages)
+        with right:
+            page = st.pagination(
+                pages,
+                default=start,
+                key=f"{V}label_page_{summary.id}_{_nonce('page')}",
+                on_change=_bump,
+                args=("grid",),
+            )
+        page = min(page, pages)
+    return order, page
+
+
+def grid_section(
+    ws: Workspace, table: views.LabelTable, summary: lb.LabelSummary
+) -> list[lb.LabeledImage]:
+    search = (st.session_state.get(SEARCH_KEY) or "").strip()
+    n_items = summary.count
+    if search:
+        n_items = len(lb.label_images(ws, summary.id, limit=SEARCH_LIMIT, search=search))
+    order, page = page_controls(summary, n_items)
+    if search:
+        found = lb.label_images(ws, summary.id, limit=SEARCH_LIMIT, order=order, search=search)
+        items = found[(page - 1) * PER_PAGE : page * PER_PAGE]
+        st.caption(f"{len(found):,} images of this label match “{common.md_escape(search)}”")
+    else:
+        items = lb.label_images(
+            ws, summary.id, offset=(page - 1) * PER_PAGE, limit=PER_PAGE, order=order
+        )
+    if not items:
+        st.info("No image to show here." if search else "This label holds no image.")
+        return []
+    view = "|".join(
+        str(v) for v in (ws.path, summary.id, order, page, search, ws.revision, _nonce("grid"))
     )
-    for start in range(0, len(items), COLUMNS):
-        cols = st.columns(COLUMNS)
-        for col, item in zip(cols, items[start : start + COLUMNS], strict=False):
-            with col:
-                cell(ws, item)
+    st.session_state[VIEW_NOW] = view
+    index_of = {it.image_id: (page - 1) * PER_PAGE + i for i, it in enumerate(items)}
+    path = str(ws.path)
+    grid.selection_grid(
+        key="label_grid",
+        view=view,
+        items=[
+            {
+                "id": it.image_id,
+                "relpath": it.relpath,
+                "src": grid.thumb_uri(path, it.sha256),
+                "misfit": bool(it.misfit),
+                "nearer": it.nearest_other,
+                "confirmed": bool(it.confirmed),
+                "state": it.state,
+                "by_hand": bool(getattr(it, "by_hand", False)),
+            }
+            for it in items
+        ],
+        targets=[{"id": s.id, "name": s.name} for s in table.summaries if s.id != summary.id],
+        on_action=lambda payload: _on_grid_action(ws, summary.id, payload),
+        on_open=lambda image_id: _on_open(index_of, image_id),
+        max_name=lb.MAX_NAME_LENGTH,
+    )
+    write_place(summary.name, order, page)
     return items
 
 
-def selection_tools(ws: Workspace, table: views.LabelTable, items: list[lb.LabeledImage]) -> None:
-    chosen = selected()
-    with st.container(border=True):
-        head = st.columns([3, 1, 1], vertical_alignment="center")
-        head[0].markdown(
-            f"**{len(chosen):,} selected**"
-            + ("" if chosen else " · tick images below, or select the whole page")
-        )
-        head[1].button("Select page", key="label_select_page", on_click=_select_page, args=(items,))
-        head[2].button("Clear", key="label_select_none", on_click=clear_selection)
-        if not chosen:
-            return
-        views.move_form(
-            ws,
-            list(chosen),
-            table.names,
-            key="label_move",
-            shown=dict(chosen),
-            after=clear_selection,
-        )
-        cols = st.columns(3)
-        cols[0].button(
-            "Exclude from export",
-            key="label_exclude",
-            icon=":material/block:",
-            on_click=views.callback(_set_state, ws, "excluded"),
-        )
-        cols[1].button(
-            "Mark unsure",
-            key="label_unsure",
-            icon=":material/help:",
-            on_click=views.callback(_set_state, ws, "unsure"),
-        )
-        cols[2].button(
-            "Back to normal",
-            key="label_normal",
-            icon=":material/restart_alt:",
-            on_click=views.callback(_set_state, ws, "normal"),
-        )
+# -- gathering strays -------------------------------------------------------------------------
 
 
-def _move_to_neighbour(
-    ws: Workspace, image_id: int, label_id: int, shown: dict[int, int] | None
-) -> str:
-    return lb.move(
-        ws, [image_id], label_id, create=False, actor=views.actor(), expected=shown
-    ).summary
+def _accept_strays(ws: Workspace, label_id: int, label_of: dict[int, int], payload: dict) -> str:
+    if payload.get("kind") != "move":
+        raise lb.StaleState("in this grid, only 'Move' applies: it gathers the selection here")
+    ids = [int(i) for i in payload.get("ids") or []]
+    expected = {i: label_of[i] for i in ids if i in label_of}
+    return lb.accept_gathered(ws, label_id, ids, actor=views.actor(), expected=expected).summary
 
 
-def neighbour_grid(
-    ws: Workspace, image_id: int, label_id: int | None, shown: dict[int, int] | None
-) -> None:
-    """The most similar images with their labels; one click moves the image to a neighbour's
-    label (only offered where that label differs from its own)."""
-    neighbours = views.neighbours(ws, image_id)
-    if not neighbours:
-        st.caption("No similar images to show (features not extracted yet).")
+def gather_section(ws: Workspace, summary: lb.LabelSummary) -> None:
+    """Images in other labels that look like this one, most likely first, to pull in at once."""
+    if not st.toggle(
+        f"Gather strays into {common.md_escape(summary.name)}",
+        key=GATHER_KEY,
+        help="Images of other labels whose neighbours are mostly in this label",
+    ):
         return
-    st.caption("Most similar images (cosine similarity of the features)")
-
-    def caption(n: lb.Neighbour) -> str:
-        return f"{n.label if n.label is not None else '(no label)'} · {n.similarity:.2f}"
-
-    def move_button(index: int, _item: tuple) -> None:
-        n = neighbours[index]
-        if n.label_id is None or n.label_id == label_id:
-            return
-        st.button(
-            "Use this label",
-            key=f"label_focus_to_{n.image_id}",
-            type="tertiary",
-            icon=":material/drive_file_move:",
-            help=f"Move this image to {common.md_escape(n.label)}",
-            on_click=views.callback(_move_to_neighbour, ws, image_id, n.label_id, shown),
-        )
-
-    common.image_grid(
-        ws, [(n.relpath, n.sha256, caption(n)) for n in neighbours], columns=6, cell=move_button
+    try:
+        strays = lb.gather(ws, summary.id, limit=PER_PAGE)
+    except ImgclusterError as exc:
+        common.show_error(exc)
+        return
+    if not strays:
+        st.caption("No image of another label looks like this one.")
+        return
+    st.caption(
+        f"{len(strays)} images of other labels look like {common.md_escape(summary.name)}, "
+        "most likely first: select the ones that belong here and move them."
+    )
+    label_of = {s.image_id: s.label_id for s in strays}
+    rows = common.image_rows_by_id(*common.ws_key(ws))
+    path = str(ws.path)
+    grid.selection_grid(
+        key="label_gather_grid",
+        view=f"gather|{ws.path}|{summary.id}|{ws.revision}|{_nonce('grid')}",
+        items=[
+            {
+                "id": s.image_id,
+                "relpath": s.relpath,
+                "src": grid.thumb_uri(path, rows.get(s.image_id, (None, None))[1]),
+                "misfit": False,
+                "nearer": None,
+                "confirmed": False,
+                "state": "normal",
+                "by_hand": False,
+            }
+            for s in strays
+        ],
+        targets=[{"id": summary.id, "name": summary.name}],
+        on_action=lambda payload: (
+            views.callback(_accept_strays, ws, summary.id, label_of, payload)(),
+            _bump("grid"),
+        ),
+        on_open=lambda image_id: st.session_state.__setitem__(
+            FOCUS_KEY, {"id": image_id, "index": None}
+        ),
     )
 
 
-@st.dialog("Image", width="large")
-def focus_dialog(ws: Workspace, image_id: int, table: views.LabelTable) -> None:
+# -- the larger view --------------------------------------------------------------------------
+
+
+def _close_focus() -> None:
+    st.session_state.pop(FOCUS_KEY, None)
+
+
+def _focus_nav(ws: Workspace, label_id: int, order: str, search: str, value: str) -> None:
+    focus = st.session_state.get(FOCUS_KEY) or {}
+    if value.startswith("id:"):
+        st.session_state[FOCUS_KEY] = {"id": int(value[3:]), "index": None}
+        return
+    index = focus.get("index")
+    if index is None:
+        return
+    index += -1 if value == "prev" else 1
+    if index < 0:
+        return
+    found = lb.label_images(ws, label_id, offset=index, limit=1, order=order, search=search or None)
+    if found:
+        st.session_state[FOCUS_KEY] = {"id": found[0].image_id, "index": index}
+
+
+def _focus_move(ws: Workspace, image_id: int, from_label: int | None, to_label: int) -> None:
+    shown = {image_id: from_label} if from_label is not None else None
+
+    def run() -> str:
+        return lb.move(
+            ws, [image_id], to_label, create=False, actor=views.actor(), expected=shown
+        ).summary
+
+    views.callback(run)()
+    _close_focus()
+    st.session_state[RERUN_APP] = True
+
+
+@st.dialog("Image", width="large", on_dismiss=_close_focus)
+def focus_dialog(ws: Workspace, table: views.LabelTable, label_id: int, order: str) -> None:
+    focus = st.session_state.get(FOCUS_KEY) or {}
+    image_id = focus.get("id")
     rows = common.image_rows_by_id(*common.ws_key(ws))
     if image_id not in rows:
         st.info("This image is no longer in the workspace.")
         return
     relpath = rows[image_id][0]
     label_of = dict(zip(table.image_ids.tolist(), table.label_ids.tolist(), strict=True))
-    label_id = label_of.get(image_id)
-    label_name = table.name_of().get(label_id, "(no label)")
-    st.markdown(f"**{common.md_escape(relpath)}** · {common.md_escape(label_name)}")
-    preview = common.preview(str(ws.path), relpath)
-    if preview is not None:
-        st.image(preview, width="stretch")
-    shown = {image_id: label_id} if label_id is not None else None
-    neighbour_grid(ws, image_id, label_id, shown)
-    views.move_form(ws, [image_id], table.names, key="label_focus_move", shown=shown)
-    if shown:
-        st.button(
-            "Exclude from export",
-            key="label_focus_exclude",
-            icon=":material/block:",
-            on_click=views.callback(_set_state, ws, "excluded", shown),
+    own = label_of.get(image_id)
+    names = table.name_of()
+    search = (st.session_state.get(SEARCH_KEY) or "").strip()
+    index = focus.get("index")
+    count = next((s.count for s in table.summaries if s.id == label_id), 0)
+    preview = grid.preview_uri(str(ws.path), relpath)
+    path = str(ws.path)
+    neighbours = views.neighbours(ws, image_id, limit=8)
+    grid.focus_view(
+        key=f"label_focus_{image_id}",
+        data={
+            "id": image_id,
+            "relpath": relpath,
+            "label": names.get(own, "(no label)"),
+            "src": preview[0] if preview else None,
+            "width": preview[1] if preview else None,
+            "height": preview[2] if preview else None,
+            "position": f"{index + 1:,} of {count:,}" if index is not None and not search else "",
+            "has_prev": index is not None and index > 0 and own == label_id,
+            "has_next": index is not None and own == label_id and (search or index + 1 < count),
+            "neighbours": [
+                {
+                    "id": n.image_id,
+                    "relpath": n.relpath,
+                    "src": grid.thumb_uri(path, n.sha256),
+                    "label": n.label,
+                    "label_id": n.label_id,
+                    "similarity": float(n.similarity),
+                    "movable": n.label_id is not None and n.label_id != own,
+                }
+                for n in neighbours
+            ],
+        },
+        on_nav=lambda value: _focus_nav(ws, label_id, order, search, value),
+        on_use=lambda target: _focus_move(ws, image_id, own, target),
+    )
+    if own is not None:
+        shown = {image_id: own}
+        views.move_form(
+            ws,
+            [image_id],
+            [n for i, n in names.items() if i != own],
+            key="label_focus_move",
+            shown=shown,
+            after=lambda: (_close_focus(), st.session_state.__setitem__(RERUN_APP, True)),
         )
+    if st.session_state.pop(RERUN_APP, False):
+        st.rerun()
 
 
 def main() -> None:
@@ -345,30 +672,22 @@ def main() -> None:
         st.info("Labeling starts from clusters: choose k on the Clusters page first.")
         st.page_link("pages/clusters.py", label="Clusters", icon=":material/arrow_back:")
         return
-    summary = label_picker(table)
+    if not table.summaries:
+        st.info("Every label is empty.")
+        return
+    restore_place(table)
+    summary = label_picker(ws, table)
+    progress_panel(ws, table, summary)
+    suggestion(ws, table, summary)
     views.history_bar(ws, key="label")
-    if (focus := st.session_state.pop(FOCUS_KEY, None)) is not None:
-        focus_dialog(ws, focus, table)
-    # The tools sit above the grid but need what it shows: the grid is drawn first, into
-    # the containers' order on the page.
-    tools_box, selection_box = st.container(), st.container()
-    order = (
-        st.segmented_control(
-            "Order",
-            list(ORDERS),
-            format_func=ORDERS.__getitem__,
-            default="typicality",
-            key=f"{common.VIEW_PREFIX}label_order",
-            required=True,
-        )
-        or "typicality"
-    )
-    items = grid(ws, summary, order)
+    tools_box = st.container()
+    items = grid_section(ws, table, summary)
     with tools_box:
-        fits = summary.count <= len(items)
+        fits = summary.count <= len(items) and not st.session_state.get(SEARCH_KEY)
         label_tools(ws, summary, table, [i.image_id for i in items] if fits else None)
-    with selection_box:
-        selection_tools(ws, table, items)
+    gather_section(ws, summary)
+    if st.session_state.get(FOCUS_KEY):
+        focus_dialog(ws, table, summary.id, st.session_state.get(ORDER_KEY, "typicality"))
 
 
 main()

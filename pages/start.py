@@ -10,16 +10,16 @@ from imgcluster.errors import InvalidPath
 from imgcluster.images import IMAGE_EXTENSIONS, ingest
 from imgcluster.uploads import save_uploads
 from imgcluster.workspace import DB_NAME, Workspace
-from pages import _common as common
+from imgcluster_app import common, router
 
-common.require_router()
+router.enter()
 
 
 def create_and_ingest(dest: Path, source: Path | None, uploads: list | None = None) -> None:
     """Create the workspace ``dest``, fill it from ``source`` or ``uploads``, open it."""
     ws = Workspace(dest, create=True)
     if uploads is not None:
-        source = ws.path / "uploads"
+        source = ws.uploads_dir
         report = save_uploads(((f.name, f) for f in uploads), source)
         if report.rejected:
             common.flash_table("Refused from the upload", report.rejected)

@@ -7,7 +7,6 @@ that workspace. Tests may add runs and projections to it, never change images or
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import pytest
 from imgcluster.features import extract, load_features
 from imgcluster.images import ingest
 from imgcluster.workspace import Workspace
+from tests.conftest import read_truth
 
 BACKBONE = "efficientnet-lite0"
 
@@ -36,5 +36,4 @@ def clothing_workspace(tmp_path_factory: pytest.TempPathFactory, clothing_dir: P
 
 def clothing_truth(clothing_dir: Path) -> dict[str, str]:
     """True class by relative path (only tests and benchmarks look at it)."""
-    with open(clothing_dir / "labels.csv", newline="") as fh:
-        return {row["path"]: row["label"] for row in csv.DictReader(fh)}
+    return read_truth(clothing_dir)

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 PROJECT = Path(__file__).resolve().parents[1]
-SAMPLE_DATA = PROJECT / "sample_data"
+SAMPLE_DATA = PROJECT / "sample_data"  # 120 CC0 photos, 10 classes x 12 (the app's sample)
+# The former sample: 180 Fashion-MNIST PNGs, 6 classes x 30, for tests built on that shape.
+FMNIST = PROJECT / "tests" / "fixtures" / "fmnist"
 CLOTHING = PROJECT.parent / "shared" / "datasets" / "clothing"
 
 
@@ -24,22 +26,50 @@ def sample_dir() -> Path:
     return SAMPLE_DATA
 
 
-def route_apptest_like_a_running_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let AppTest runs use `st.navigation` routing, as a running server does after its first run.
+@pytest.fixture(scope="session")
+def sample_photos() -> Path:
+    """120 real CC0 product photos shipped in the repo (10 clothing classes x 12, JPEGs with the
+    longest side 400 px, one flat folder): for tests that need real photos but not 600 of them,
+    so they run on a fresh clone without ../shared. Read-only: copy before changing anything.
+    Their classes: `sample_photo_classes()`."""
+    return SAMPLE_DATA / "images"
 
-    AppTest resets Streamlit's "legacy pages/ folder" flag before every run, so with a
-    ``pages/`` folder beside ``app.py`` each run would start in the legacy file-based mode that
-    a real server only sees on its very first request (and leaves at once: see
-    ``pages/_common.require_router``, tested in a real browser by
-    ``tests/browser/test_deep_link.py``). Widget interactions in that nested mode are lost, so
-    tests clear the flag again right after AppTest resets it.
-    """
-    from streamlit.runtime.pages_manager import PagesManager
 
-    original = PagesManager.__init__
+def read_truth(folder: Path, *, strip: str = "") -> dict[str, str]:
+    """The one truth helper: ``path -> label`` from ``folder/labels.csv`` (columns ``path``,
+    ``label``), with ``strip`` removed from the front of each path. Only tests and benchmarks
+    look at it."""
+    import csv
 
-    def init(self: PagesManager, *args: object, **kwargs: object) -> None:
-        original(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = False
+    with open(folder / "labels.csv", newline="", encoding="utf-8") as fh:
+        return {row["path"].removeprefix(strip): row["label"] for row in csv.DictReader(fh)}
 
-    monkeypatch.setattr(PagesManager, "__init__", init)
+
+def sample_photo_classes() -> dict[str, str]:
+    """True class by file name of the `sample_photos` folder (only tests and benchmarks look)."""
+    return read_truth(SAMPLE_DATA, strip="images/")
+
+
+def synthetic_workspace(path: Path, vectors, *, backbone: str = "synthetic"):
+    """A workspace built through the library: one real distinct 8x8 PNG per row of
+    ``vectors``, ingested, with ``vectors`` stored as the ``backbone`` features of the images
+    in relative-path order (for clustering and labeling tests that need no CNN)."""
+    import numpy as np
+    from PIL import Image
+
+    from imgcluster.features import save_vectors
+    from imgcluster.images import ingest
+    from imgcluster.workspace import Workspace
+
+    vectors = np.asarray(vectors, dtype=np.float32)
+    photos = path / "photos"
+    photos.mkdir(parents=True)
+    for i in range(len(vectors)):
+        color = (i * 37 % 256, i * 91 % 256, i // 256 % 256)
+        Image.new("RGB", (8, 8), color).save(photos / f"{i:05d}.png")
+    ws = Workspace(path / "ws", create=True)
+    report = ingest(ws, photos)
+    assert report.ok == len(vectors) and report.duplicates == 0, report
+    shas = [img.sha256 for img in ws.images()]
+    save_vectors(ws, backbone, shas, vectors)
+    return ws

@@ -7,7 +7,6 @@ group clusters real EfficientNet-Lite0 features of ../shared/datasets/clothing.
 
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 
@@ -15,7 +14,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from sklearn.metrics import normalized_mutual_info_score, v_measure_score
+from sklearn.metrics import (
+    normalized_mutual_info_score,
+    silhouette_samples,
+    silhouette_score,
+    v_measure_score,
+)
 
 from imgcluster import clustering as C
 from imgcluster.cli import cli
@@ -25,14 +29,15 @@ from imgcluster.images import ingest
 from imgcluster.workspace import Workspace
 from tests._clothing import BACKBONE as LITE0
 from tests._clothing import clothing_truth, clothing_workspace
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import FMNIST as SAMPLE_DATA  # 6 classes x 30 grey PNGs
+from tests.conftest import read_truth
 
 BACKBONE = "synthetic"
 
 
-def blobs(sizes: list[int], *, dim: int = 8, spread: float = 0.05, seed: int = 0):
+def blobs(sizes: list[int], *, dim: int = 8, spread: float = 0.05, random_state: int = 0):
     """Well-separated Gaussian blobs; returns (points, true blob of each, blob centres)."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(random_state)
     centres = np.eye(dim)[: len(sizes)] * 3.0
     truth = np.repeat(np.arange(len(sizes)), sizes)
     points = centres[truth] + rng.normal(scale=spread, size=(len(truth), dim))
@@ -46,8 +51,8 @@ def blobs(sizes: list[int], *, dim: int = 8, spread: float = 0.05, seed: int = 0
 @pytest.mark.parametrize("algorithm", ["kmeans", "minibatch"])
 def test_fit_kmeans_finds_blobs_numbered_by_size_and_is_deterministic(algorithm: str) -> None:
     x, truth, _ = blobs([20, 50, 30])
-    result = C.fit_kmeans(x, 3, algorithm=algorithm, seed=3)
-    again = C.fit_kmeans(x, 3, algorithm=algorithm, seed=3)
+    result = C.fit_kmeans(x, 3, algorithm=algorithm, random_state=3)
+    again = C.fit_kmeans(x, 3, algorithm=algorithm, random_state=3)
 
     assert v_measure_score(truth, result.labels) == 1.0
     assert np.bincount(result.labels).tolist() == [50, 30, 20]
@@ -75,10 +80,10 @@ def test_auto_algorithm_switches_to_minibatch_for_big_sets() -> None:
 
 
 def test_fixed_centroids_stay_put_and_new_ones_take_the_new_group() -> None:
-    x, truth, centres = blobs([30, 30, 25, 15], seed=1)
+    x, truth, centres = blobs([30, 30, 25, 15], random_state=1)
     fixed = centres[:2] + 0.1  # the confirmed labels' centroids, not exactly the blob means
-    result = C.kmeans_with_fixed_centroids(x, fixed, 2, seed=5)
-    again = C.kmeans_with_fixed_centroids(x, fixed, 2, seed=5)
+    result = C.kmeans_with_fixed_centroids(x, fixed, 2, random_state=5)
+    again = C.kmeans_with_fixed_centroids(x, fixed, 2, random_state=5)
 
     np.testing.assert_array_equal(result.centroids[:2], fixed)
     np.testing.assert_array_equal(result.labels, again.labels)
@@ -89,15 +94,15 @@ def test_fixed_centroids_stay_put_and_new_ones_take_the_new_group() -> None:
 
 
 def test_fixed_centroids_without_new_ones_is_nearest_centroid_assignment() -> None:
-    x, truth, centres = blobs([10, 10, 10], seed=2)
+    x, truth, centres = blobs([10, 10, 10], random_state=2)
     result = C.kmeans_with_fixed_centroids(x, centres, 0)
     np.testing.assert_array_equal(result.labels, truth)
     np.testing.assert_array_equal(result.centroids, centres)
 
 
 def test_new_centroids_never_end_up_empty() -> None:
-    x, _, centres = blobs([40, 2], seed=3)  # one real new group of 2 points, 3 asked for
-    result = C.kmeans_with_fixed_centroids(x, centres[:1], 3, seed=0)
+    x, _, centres = blobs([40, 2], random_state=3)  # one real new group of 2 points, 3 asked for
+    result = C.kmeans_with_fixed_centroids(x, centres[:1], 3, random_state=0)
     assert set(np.unique(result.labels)) == {0, 1, 2, 3}
 
 
@@ -112,8 +117,7 @@ def test_misfit_rule_flags_negative_silhouette_and_thin_margins() -> None:
 
 
 def _truth() -> dict[str, str]:
-    with open(SAMPLE_DATA / "labels.csv", newline="") as fh:
-        return {r["path"].removeprefix("images/"): r["label"] for r in csv.DictReader(fh)}
+    return read_truth(SAMPLE_DATA, strip="images/")
 
 
 def _inject(ws: Workspace, *, outlier: str | None = None) -> None:
@@ -180,18 +184,18 @@ def test_cluster_recovers_classes_and_stores_the_run(ws: Workspace) -> None:
 
 
 def test_same_request_returns_the_stored_run_without_recomputing(ws: Workspace) -> None:
-    first = C.cluster(ws, BACKBONE, 6, seed=1)
+    first = C.cluster(ws, BACKBONE, 6, random_state=1)
     revision = ws.revision
-    again = C.cluster(ws, BACKBONE, 6, seed=1)
-    found = C.find_run(ws, BACKBONE, 6, seed=1)
+    again = C.cluster(ws, BACKBONE, 6, random_state=1)
+    found = C.find_run(ws, BACKBONE, 6, random_state=1)
 
     assert again.id == first.id and found is not None and found.id == first.id
     assert _count_runs(ws) == 1 and ws.revision == revision  # nothing was written
     for name in ("image_ids", "labels", "distances", "silhouettes", "margins", "centroids"):
         np.testing.assert_array_equal(getattr(again, name), getattr(first, name))
-    assert C.find_run(ws, BACKBONE, 7, seed=1) is None
-    assert C.find_run(ws, BACKBONE, 6, seed=2) is None
-    assert C.find_run(ws, BACKBONE, 6, seed=1, preprocess="l2") is None
+    assert C.find_run(ws, BACKBONE, 7, random_state=1) is None
+    assert C.find_run(ws, BACKBONE, 6, random_state=2) is None
+    assert C.find_run(ws, BACKBONE, 6, random_state=1, preprocess="l2") is None
 
 
 def test_other_k_seed_or_preprocessing_make_new_runs_listed_newest_first(ws: Workspace) -> None:
@@ -241,7 +245,9 @@ def test_the_in_between_image_is_a_misfit_and_sql_agrees(ws: Workspace) -> None:
     for c in range(run.k):
         flagged |= set(C.cluster_members(ws, run.id, c, misfits_only=True))
     assert flagged == set(run.image_ids[run.misfits].tolist())
-    assert run.silhouettes.min() >= -1 and run.silhouettes.max() <= 1
+    # The stored values are the exact silhouettes of the run's space, row for row.
+    space = C.preprocess_vectors(load_features(ws, BACKBONE).vectors, run.preprocess)
+    np.testing.assert_allclose(run.silhouettes, silhouette_samples(space, run.labels), atol=1e-5)
     assert run.params["silhouette"] == "exact"
 
 
@@ -262,7 +268,16 @@ def test_suggest_k_finds_the_six_classes(ws: Workspace) -> None:
     result = C.suggest_k(ws, 2, 12, backbone=BACKBONE, progress=lambda d, t: steps.append((d, t)))
     assert result.ks == list(range(2, 13))
     assert result.best[0] == 6 and len(result.best) == 3
-    assert all(-1 <= s <= 1 for s in result.silhouette)
+    # The curve is the silhouette of a k=6 KMeans in the PCA space, as sklearn computes it.
+    space = C.preprocess_vectors(load_features(ws, BACKBONE).vectors, "pca")
+    six = C.fit_kmeans(space, 6, algorithm="kmeans", random_state=0)
+    assert result.silhouette[result.ks.index(6)] == pytest.approx(
+        silhouette_score(space, six.labels), abs=1e-6
+    )
+    # Clean blobs: (nearly) the same partition under every random state at the true k; the
+    # one in-between image may switch sides.
+    assert result.stability[result.ks.index(6)] > 0.95
+    assert result.space == "pca" and "k=6" in result.advice
     assert result.inertia[-1] < result.inertia[0]
     assert steps[-1] == (11, 11)
     # Sampling kicks in above sample_size and still finds the classes.
@@ -275,6 +290,7 @@ def test_suggest_k_finds_the_six_classes(ws: Workspace) -> None:
 def test_cli_cluster_prints_sizes_and_reuses_the_run(ws: Workspace) -> None:
     runner = CliRunner()
     args = ["cluster", "--workspace", str(ws.path), "--k", "6", "--backbone", BACKBONE]
+    args += ["--preprocess", "pca"]
     first = runner.invoke(cli, args)
     second = runner.invoke(cli, args)
     assert first.exit_code == 0, first.output
@@ -291,9 +307,9 @@ def test_cli_suggest_k_prints_table_and_best(ws: Workspace) -> None:
     )
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].split() == ["k", "silhouette", "inertia"]
-    assert len(lines) == 1 + 6 + 1
-    assert lines[-1].startswith("best k: 6")
+    assert lines[0].split() == ["k", "silhouette", "inertia", "stability"]
+    assert len(lines) == 1 + 6 + 2
+    assert lines[-2].startswith("best k: 6") and "confidence" in lines[-1]
 
 
 def test_cli_errors_are_one_line_exit_1(ws: Workspace) -> None:
@@ -326,7 +342,7 @@ def _classes(ws: Workspace, run: C.ClusterRun, clothing_dir: Path) -> np.ndarray
 def test_real_features_cluster_by_garment_deterministically(
     clothing_ws: Workspace, clothing_dir: Path
 ) -> None:
-    run = C.cluster(clothing_ws, LITE0, 10, seed=0)
+    run = C.cluster(clothing_ws, LITE0, 10, random_state=0)
     classes = _classes(clothing_ws, run, clothing_dir)
     # bench/quality.py measures ~0.55; a broken pipeline (shuffled rows, wrong space) is ~0.
     assert normalized_mutual_info_score(classes, run.labels) > 0.45
@@ -334,7 +350,7 @@ def test_real_features_cluster_by_garment_deterministically(
 
     # Recomputing from scratch (no stored run, no memoised space) gives the same clusters.
     space = C.preprocess_vectors(load_features(clothing_ws, LITE0).vectors, run.preprocess)
-    fresh = C.fit_kmeans(space, 10, seed=0)
+    fresh = C.fit_kmeans(space, 10, random_state=0)
     np.testing.assert_array_equal(fresh.labels, run.labels)
     np.testing.assert_allclose(fresh.centroids, run.centroids, rtol=1e-5, atol=1e-6)
 
@@ -347,7 +363,7 @@ def test_real_features_cluster_by_garment_deterministically(
 def test_real_features_typical_images_are_cleaner_than_atypical(
     clothing_ws: Workspace, clothing_dir: Path
 ) -> None:
-    run = C.cluster(clothing_ws, LITE0, 10, seed=0)
+    run = C.cluster(clothing_ws, LITE0, 10, random_state=0)
     classes = _classes(clothing_ws, run, clothing_dir)
     majority = {
         c: max(set(classes[run.labels == c]), key=list(classes[run.labels == c]).count)
@@ -368,6 +384,9 @@ def test_real_features_k_suggestions_are_a_sane_curve(clothing_ws: Workspace) ->
     assert result.ks == list(range(2, 16))
     assert np.isfinite(result.silhouette).all() and np.isfinite(result.inertia).all()
     assert all(0 < s < 1 for s in result.silhouette)
-    assert all(2 <= k <= 15 for k in result.best) and len(set(result.best)) == 3
+    # best: the stable ks by silhouette, so its head is the best-scoring stable k.
+    stable = [k for k, a in zip(result.ks, result.stability, strict=True) if a >= C.STABLE_ARI]
+    assert result.best[0] == max(stable, key=lambda k: result.silhouette[result.ks.index(k)])
+    assert len(set(result.best)) == 3 and result.confidence in ("high", "medium", "low")
     inertia = np.array(result.inertia)
     assert (np.diff(inertia) < 1e-6).mean() > 0.8 and inertia[-1] < 0.8 * inertia[0]

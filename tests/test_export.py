@@ -19,13 +19,16 @@ from PIL import Image
 
 from imgcluster.errors import ExportError
 from imgcluster.export import (
+    EXPORT_MARKER,
     LABELS_NAME,
+    LEFT_OUT_NAME,
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
     ExportItem,
     assign_folders,
     export_items,
     parse_split,
+    read_left_out,
     read_manifest,
     safe_file_name,
     safe_folder_name,
@@ -186,7 +189,7 @@ def test_hostile_labels_stay_inside_out(tmp_path: Path) -> None:
     assert len(class_dirs) == len(HOSTILE)  # every label its own folder, none merged
     assert len({p.name.casefold() for p in class_dirs}) == len(HOSTILE)
     assert all(len(list(d.iterdir())) == 1 for d in class_dirs)
-    assert len(files) == len(HOSTILE) + 2  # plus manifest.csv and labels.json
+    assert len(files) == len(HOSTILE) + 4  # plus manifest.csv, labels.json, left_out.csv, marker
     assert not (tmp_path / "etc").exists() and not (tmp_path / "a").exists()
 
     document = json.loads((out / LABELS_NAME).read_text(encoding="utf-8"))
@@ -212,8 +215,10 @@ def test_export_layout_manifest_and_collisions(tmp_path: Path, collection) -> No
     assert result.n_files == len(items)
     assert result.counts == {"dress": {"all": 4}, "shirt": {"all": 7}, "shoe": {"all": 5}}
     assert sorted(p.name for p in out.iterdir()) == [
+        EXPORT_MARKER,
         "dress",
         LABELS_NAME,
+        LEFT_OUT_NAME,
         MANIFEST_NAME,
         "shirt",
         "shoe",
@@ -251,8 +256,8 @@ def test_export_layout_manifest_and_collisions(tmp_path: Path, collection) -> No
 
 def test_same_items_give_the_same_export(tmp_path: Path, collection) -> None:
     _, items = collection
-    export_items(items, tmp_path / "a", split="0.7,0.15,0.15", seed=3)
-    export_items(list(reversed(items)), tmp_path / "b", split="0.7,0.15,0.15", seed=3)
+    export_items(items, tmp_path / "a", split="0.7,0.15,0.15", random_state=3)
+    export_items(list(reversed(items)), tmp_path / "b", split="0.7,0.15,0.15", random_state=3)
     assert read_manifest(tmp_path / "a") == read_manifest(tmp_path / "b")
 
 
@@ -285,7 +290,7 @@ def _split_items(tmp_path: Path) -> list[ExportItem]:
 
 def test_split_is_stratified_and_keeps_duplicates_together(tmp_path: Path) -> None:
     items = _split_items(tmp_path)
-    splits = split_items(items, (0.8, 0.2), seed=1)
+    splits = split_items(items, (0.8, 0.2), random_state=1)
 
     per_label = defaultdict(Counter)
     for item, split in zip(items, splits, strict=True):
@@ -301,15 +306,15 @@ def test_split_is_stratified_and_keeps_duplicates_together(tmp_path: Path) -> No
     assert all(len(s) == 1 for s in by_hash.values())  # duplicates never straddle splits
     assert max(Counter(i.sha256 for i in items).values()) == 3
 
-    assert split_items(items, (0.8, 0.2), seed=1) == splits  # seeded
+    assert split_items(items, (0.8, 0.2), random_state=1) == splits  # seeded
     # A label's split does not depend on the other labels.
     alone = [i for i in items if i.label == "small"]
-    assert split_items(alone, (0.8, 0.2), seed=1) == [
+    assert split_items(alone, (0.8, 0.2), random_state=1) == [
         s for i, s in zip(items, splits, strict=True) if i.label == "small"
     ]
-    assert split_items(items, (0.8, 0.2), seed=2) != splits
+    assert split_items(items, (0.8, 0.2), random_state=2) != splits
 
-    three = split_items(items, (0.7, 0.15, 0.15), seed=0)
+    three = split_items(items, (0.7, 0.15, 0.15), random_state=0)
     big = Counter(s for i, s in zip(items, three, strict=True) if i.label == "big")
     assert big["train"] == pytest.approx(0.7 * 52, abs=2)
     assert big["val"] == pytest.approx(0.15 * 52, abs=2)
@@ -319,8 +324,15 @@ def test_split_is_stratified_and_keeps_duplicates_together(tmp_path: Path) -> No
 def test_split_export_layout(tmp_path: Path) -> None:
     items = _split_items(tmp_path)
     out = tmp_path / "out"
-    result = export_items(items, out, split="0.8,0.2", seed=0)
-    assert sorted(p.name for p in out.iterdir()) == [LABELS_NAME, MANIFEST_NAME, "train", "val"]
+    result = export_items(items, out, split="0.8,0.2", random_state=0)
+    assert sorted(p.name for p in out.iterdir()) == [
+        EXPORT_MARKER,
+        LABELS_NAME,
+        LEFT_OUT_NAME,
+        MANIFEST_NAME,
+        "train",
+        "val",
+    ]
     # Every class folder exists in both splits (empty if need be) so class indices agree.
     assert sorted(p.name for p in (out / "train").iterdir()) == ["big", "mid", "one", "small"]
     assert sorted(p.name for p in (out / "val").iterdir()) == ["big", "mid", "one", "small"]
@@ -414,11 +426,15 @@ def test_interrupted_export_leaves_previous_intact(tmp_path: Path, collection) -
     assert _tree(out) == before
     assert _leftovers(tmp_path) == []
 
-    # A source that breaks while being copied (a folder where a file was) fails the same way.
+    # A source that is no longer a file (a folder where a file was) is that file's problem:
+    # it is left out with the reason, the rest is exported.
     broken = ExportItem(tmp_path / "photos", "photos", "shirt", "0" * 64)
-    with pytest.raises(ExportError):
-        export_items([*items, broken], out, overwrite=True)
-    assert _tree(out) == before
+    result = export_items([*items, broken], out, overwrite=True)
+    assert result.n_files == len(items)
+    assert result.left_out == {"not a regular file (a folder)": 1}
+    assert read_left_out(out) == [
+        {"source": "photos", "label": "shirt", "reason": "not a regular file (a folder)"}
+    ]
     assert _leftovers(tmp_path) == []
 
 
@@ -447,7 +463,8 @@ def test_killed_export_leaves_previous_intact(tmp_path: Path, collection) -> Non
     assert proc.returncode == -signal.SIGKILL
     assert _tree(out) == before
     leftovers = _leftovers(tmp_path)
-    assert leftovers and all(name.startswith(".out.export-") for name in leftovers)
+    assert any(name.startswith(".out.export-") for name in leftovers)
+    assert all(name.startswith(".out.export") for name in leftovers)
     # The next export removes the half-built folder and succeeds.
     export_items(items, out, overwrite=True)
     assert len(read_manifest(out)) == len(items)
@@ -531,11 +548,17 @@ def test_hardlink_across_filesystems_falls_back_to_copy(tmp_path: Path) -> None:
         src.rmdir()
 
 
-def test_changed_source_is_reported(tmp_path: Path, collection) -> None:
+def test_changed_source_is_refused_and_reported(tmp_path: Path, collection) -> None:
     root, items = collection
     _write_image(root / "shirt_dir/03.png", (0, 0, 0))  # edited after labeling
     result = export_items(items, tmp_path / "out")
-    assert any("changed on disk" in w and "shirt_dir/03.png" in w for w in result.warnings)
+    assert result.n_files == len(items) - 1
+    assert result.left_out == {"changed since ingest": 1}
+    assert any("changed since ingest" in w and "shirt_dir/03.png" in w for w in result.warnings)
+    assert "shirt_dir/03.png" not in {r["source"] for r in read_manifest(tmp_path / "out")}
+    assert read_left_out(tmp_path / "out") == [
+        {"source": "shirt_dir/03.png", "label": "shirt", "reason": "changed since ingest"}
+    ]
 
 
 def test_zip_holds_the_export(tmp_path: Path) -> None:
@@ -561,6 +584,7 @@ def test_zip_holds_the_export(tmp_path: Path) -> None:
 # -- trainers read it -------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # TensorFlow import
 def test_keras_image_dataset_from_directory_round_trip(tmp_path: Path, collection) -> None:
     keras = pytest.importorskip("keras")
     _, items = collection
@@ -576,7 +600,7 @@ def test_keras_image_dataset_from_directory_round_trip(tmp_path: Path, collectio
     assert got == expected
 
     split_out = tmp_path / "split"
-    result = export_items(items, split_out, split="0.6,0.4", seed=0)
+    result = export_items(items, split_out, split="0.6,0.4", random_state=0)
     for split in ("train", "val"):
         ds = keras.utils.image_dataset_from_directory(
             split_out / split, image_size=(8, 8), batch_size=None, shuffle=False, verbose=False
@@ -594,6 +618,14 @@ CLASS_NAMES = {"shirts": "T恤 / shirts", "shoes": "CON", "bags": "Bags"}
 @pytest.fixture
 def labeled_ws(tmp_path: Path):
     """A workspace labeled through the real labels API, clustered on injected vectors."""
+    return build_labeled_workspace(tmp_path)
+
+
+def build_labeled_workspace(tmp_path: Path):
+    """``(workspace, photos root)``: 3 classes x 6 photos plus a same-name photo per class in
+    ``misc/`` and an exact copy, ingested, clustered on injected vectors (k=3), labels renamed
+    by their majority class (`CLASS_NAMES`), one image excluded and one unsure, "CON"
+    confirmed. Built through the library only."""
     import numpy as np
 
     from imgcluster import labels
@@ -621,7 +653,7 @@ def labeled_ws(tmp_path: Path):
     shas = sorted(truth)
     vectors = np.stack([centres[truth[s]] + 0.01 * rng.standard_normal(8) for s in shas])
     save_vectors(ws, "synthetic", shas, vectors)
-    run = cluster(ws, "synthetic", 3, seed=0)
+    run = cluster(ws, "synthetic", 3, random_state=0)
     labels.start_session(ws, run.id)
 
     by_label = defaultdict(Counter)
@@ -684,21 +716,19 @@ def test_export_workspace_uses_current_labels(tmp_path: Path, labeled_ws) -> Non
         {},
         {"include_unsure": True},
         {"confirmed_only": True},
-        {"split": "0.5,0.5", "seed": 1},
+        {"split": "0.5,0.5", "random_state": 1},
         {"split": "0.7,0.15,0.15", "include_unsure": True},
     ],
 )
 def test_dry_run_plan_is_what_the_export_writes(tmp_path: Path, labeled_ws, options) -> None:
     from imgcluster import labels
     from imgcluster.export import export_workspace, plan_workspace_export
+    from imgcluster.images import ingest
 
-    ws, _root = labeled_ws
-    # An image ingested but never labeled is left out as "unlabeled".
-    with ws.transaction() as conn:
-        conn.execute(
-            "INSERT INTO images(relpath, sha256, status) VALUES ('late.png', ?, 'ok')",
-            ("f" * 64,),
-        )
+    ws, root = labeled_ws
+    # An image ingested after labeling started is left out as "unlabeled".
+    _write_image(root / "late.png", (1, 2, 3))
+    ingest(ws, root, workers=1)
     plan = plan_workspace_export(ws, **options)
     assert not (tmp_path / "out").exists()
     result = export_workspace(ws, tmp_path / "out", **options)
@@ -723,7 +753,7 @@ def test_cli_export(tmp_path: Path, labeled_ws) -> None:
     ws, _ = labeled_ws
     out = tmp_path / "cli_out"
     args = ["export", "--workspace", str(ws.path), str(out)]
-    result = CliRunner().invoke(cli, [*args, "--split", "0.5,0.5", "--seed", "1", "--zip"])
+    result = CliRunner().invoke(cli, [*args, "--split", "0.5,0.5", "--random-state", "1", "--zip"])
     assert result.exit_code == 0, result.output
     assert "T恤 / shirts" in result.output and "T恤 _ shirts" in result.output
     assert str(out) in result.output and "left out" in result.output
@@ -739,3 +769,53 @@ def test_cli_export(tmp_path: Path, labeled_ws) -> None:
 
     bad = CliRunner().invoke(cli, [*args, "--overwrite", "--split", "0.9,0.3"])
     assert bad.exit_code == 2 and "split=" in bad.output
+
+
+def test_an_export_moved_into_the_collection_is_never_ingested(tmp_path: Path, labeled_ws) -> None:
+    """The export marks its folder (`EXPORT_MARKER`), so ingest never takes its copies for
+    new photos (issue 14 §5), even after someone moves the export into the collection."""
+    from imgcluster.export import export_workspace
+    from imgcluster.images import ingest
+
+    ws, root = labeled_ws
+    out = tmp_path / "dataset"
+    export_workspace(ws, out)
+    assert (out / EXPORT_MARKER).is_file()
+    before = ws.image_counts()
+    out.rename(root / "dataset")
+    report = ingest(ws, root, workers=1)
+    assert report.new == 0 and ws.image_counts() == before
+
+
+def test_export_warnings_say_what_to_look_at_first(tmp_path: Path, labeled_ws) -> None:
+    """Issue 12: before writing, the export says which labels still have their automatic
+    name, which have fewer than 5 images, which nobody reviewed, and what is left out."""
+    from imgcluster import labels
+    from imgcluster.export import MIN_IMAGES_PER_LABEL, export_warnings, plan_workspace_export
+
+    ws, root = labeled_ws
+    kinds = {w.kind: w for w in export_warnings(plan_workspace_export(ws))}
+    # Renamed labels, CON confirmed, one image excluded and one unsure (the fixture).
+    assert "default_name" not in kinds
+    assert set(kinds["unreviewed"].labels) == {"T恤 / shirts", "Bags"}
+    assert "1 excluded" in kinds["left_out"].message and "1 unsure" in kinds["left_out"].message
+    assert "small_label" not in kinds and "missing" not in kinds
+
+    # Bags down to 3 exported images, one of its files gone, and a fresh automatic name.
+    labels.set_state(ws, ["bags/img3.jpg"], "excluded")
+    (root / "bags" / "img4.png").unlink()
+    from imgcluster.images import ingest
+
+    ingest(ws, root, workers=1)
+    labels.rename(ws, "T恤 / shirts", "cluster_07")
+    plan = plan_workspace_export(ws)
+    kinds = {w.kind: w for w in export_warnings(plan, labels.progress(ws))}
+    assert kinds["default_name"].labels == ("cluster_07",)
+    small = {label for label, per in plan.counts.items() if sum(per.values()) < 5}
+    assert small == {"Bags"} and MIN_IMAGES_PER_LABEL == 5
+    assert kinds["small_label"].labels == ("Bags",)
+    assert kinds["missing"].labels == ("Bags",) and "bags/img4.png" in kinds["missing"].message
+    # With the labels' own progress, Bags counts as reviewed (images excluded / unsure by
+    # hand are decisions); cluster_07 was renamed, not reviewed.
+    assert "cluster_07" in kinds["unreviewed"].labels and "Bags" not in kinds["unreviewed"].labels
+    assert plan.n_left_out == sum(plan.left_out.values()) and plan.left_out["missing"] == 1

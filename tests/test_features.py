@@ -7,7 +7,6 @@ that compare against it.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -23,13 +22,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from imgcluster.cli import cli
-from imgcluster.errors import FeaturesMismatch, ImgclusterError, UnknownBackbone
+from imgcluster.errors import FeaturesDamaged, FeaturesMismatch, ImgclusterError, UnknownBackbone
 from imgcluster.features import (
     CACHE_ENV,
     FeatureExtractor,
     delete_features,
     extract,
     feature_counts,
+    fit_to_square,
     load_extractor,
     load_features,
     missing_hashes,
@@ -37,7 +37,8 @@ from imgcluster.features import (
 )
 from imgcluster.images import ingest
 from imgcluster.workspace import Workspace
-from tests.conftest import CLOTHING, PROJECT, SAMPLE_DATA
+from tests.conftest import CLOTHING, PROJECT, read_truth
+from tests.conftest import FMNIST as SAMPLE_DATA  # 180 grey PNGs, fmnist_NNNNN.png
 
 LITE0 = "efficientnet-lite0"
 
@@ -78,11 +79,8 @@ def _copy_images(target: Path, n_sample: int = 14, n_photos: int = 0) -> Path:
 
 
 def _clothing_slice(per_class: int, classes=("shoes", "pants", "hat", "dress")) -> list[str]:
-    with open(CLOTHING / "labels.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    return [
-        row["path"] for c in classes for row in [r for r in rows if r["label"] == c][:per_class]
-    ]
+    truth = read_truth(CLOTHING)
+    return [path for c in classes for path in [p for p, t in truth.items() if t == c][:per_class]]
 
 
 def _workspace(tmp_path: Path, **kwargs: int) -> Workspace:
@@ -360,7 +358,7 @@ def test_vectors_from_other_resizing_are_not_mixed_in(
     root = ws.collection_root
     Image.new("L", (40, 40), 90).save(root / "new.png")
     ingest(ws, root)
-    with pytest.raises(FeaturesMismatch, match="other weights or resizing"):
+    with pytest.raises(FeaturesMismatch, match="other weights, resizing or flip"):
         extract(ws, LITE0, nearest_resize=True)
     delete_features(ws, LITE0)
     report = extract(ws, LITE0, nearest_resize=True)
@@ -393,3 +391,126 @@ def test_cli_extract_summary_and_exit_codes(tmp_path: Path, model_cache: Path) -
     assert usage.exit_code == 2
     with pytest.raises(UnknownBackbone):
         extract(ws, "alexnet")
+
+
+# -- damaged stores, hostile sources, concurrency (issue 14 §3, §7, §9) ------------------------
+
+
+def _shard_files(ws: Workspace) -> list[Path]:
+    with ws.read() as conn:
+        rows = conn.execute(
+            "SELECT file FROM feature_shards WHERE backbone = ? ORDER BY id", (LITE0,)
+        ).fetchall()
+    return [ws.path / row[0] for row in rows]
+
+
+def test_damaged_shards_give_one_line_then_extract_recomputes_exactly_them(
+    tmp_path: Path, extractor: FeatureExtractor
+) -> None:
+    ws = _workspace(tmp_path, n_sample=12)
+    extract(ws, extractor, batch_size=3)
+    before = load_features(ws, LITE0)
+    deleted, truncated, reshaped, kept = _shard_files(ws)
+    deleted.unlink()
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    np.save(reshaped, np.ones((2, 7), np.float32))  # np.save keeps the name: same file
+    with pytest.raises(FeaturesDamaged, match=r"feature shard .* `imgcluster extract") as info:
+        load_features(ws, LITE0)
+    assert "\n" not in str(info.value)
+
+    report = extract(ws, extractor, batch_size=3)
+    assert len(report.repaired) == 3
+    assert {Path(f).name for f, _p in report.repaired} == {
+        p.name for p in (deleted, truncated, reshaped)
+    }
+    assert (report.extracted, report.reused) == (9, 3)  # the kept shard is not recomputed
+    after = load_features(ws, LITE0)
+    assert after.relpaths == before.relpaths
+    np.testing.assert_allclose(after.vectors, before.vectors, atol=1e-6)
+    assert kept in _shard_files(ws)
+    assert extract(ws, extractor).extracted == 0
+
+
+def test_a_huge_sparse_file_swapped_in_is_refused_from_its_size_not_read(
+    tmp_path: Path, extractor: FeatureExtractor
+) -> None:
+    ws = _workspace(tmp_path, n_sample=3)
+    victim = ws.collection_root / "fmnist_00002.png"
+    with open(victim, "r+b") as fh:  # 20 GB sparse: reading it whole would exhaust memory
+        fh.truncate(20 << 30)
+    report = extract(ws, extractor)
+    assert dict(report.failed) == {"fmnist_00002.png": dict(report.failed)["fmnist_00002.png"]}
+    assert dict(report.failed)["fmnist_00002.png"].startswith("file too large: 21,474,836,480")
+    assert report.extracted == 2
+
+
+def test_extreme_aspect_ratio_is_cropped_before_resizing_within_a_small_memory_cap() -> None:
+    """An 89000x1 image resized on its short side to 256 then cropped needs a 22,784,000x256
+    intermediate (~17 GB); cropping first needs the 224x224 output alone. Under a 1.5 GB
+    address-space cap the old order fails with MemoryError; this must pass."""
+    script = textwrap.dedent(
+        """
+        import resource
+        from PIL import Image
+        from imgcluster.backbones import get_backbone
+        from imgcluster.features import fit_to_square
+
+        backbone = get_backbone("efficientnet-lite0")
+        wide = Image.new("RGB", (89000, 1), (250, 20, 20))
+        images = [wide, Image.new("RGB", (1, 8000), (0, 0, 255))]
+        resource.setrlimit(resource.RLIMIT_AS, (1500 << 20, 1500 << 20))
+        for image in images:
+            out = fit_to_square(image, backbone)
+            assert out.shape == (224, 224, 3), out.shape
+            assert tuple(out[100, 100]) == image.getpixel((0, 0)), out[100, 100]
+        print("ok")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=PROJECT
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_fitting_matches_resize_then_crop_exactly_on_photos_and_closely_on_extreme_shapes(
+    extractor: FeatureExtractor,
+) -> None:
+    backbone = extractor.backbone_
+    shapes = {(400, 533): 0, (533, 400): 0, (224, 300): 0, (300, 224): 0, (640, 360): 0}
+    # Cropped first: the same picture (an upscaled 17 px wide strip differs at the crop edge).
+    shapes |= {(1000, 250): 1, (17, 900): 1}
+    for size, tolerance in shapes.items():
+        rng = np.random.default_rng(sum(size))
+        image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+        scale = 224 / 0.875 / min(size)
+        new = (max(224, round(size[0] * scale)), max(224, round(size[1] * scale)))
+        left, top = (new[0] - 224) // 2, (new[1] - 224) // 2
+        old = image.resize(new, backbone.resample, reducing_gap=3.0)
+        expected = np.asarray(old.crop((left, top, left + 224, top + 224))).astype(int)
+        got = fit_to_square(image, backbone).astype(int)
+        error = np.abs(got - expected).max() if tolerance == 0 else np.abs(got - expected).mean()
+        assert error <= tolerance, size
+
+
+@pytest.mark.slow
+def test_two_concurrent_extractions_do_the_work_once(tmp_path: Path, model_cache: Path) -> None:
+    ws = _workspace(tmp_path, n_sample=24)
+    n = len(_distinct_ok(ws))
+    env = {**os.environ, CACHE_ENV: str(model_cache)}
+    command = [sys.executable, "-m", "imgcluster.cli", "extract", "-w", str(ws.path)]
+    procs = [
+        subprocess.Popen(
+            [*command, "--batch-size", "4"],
+            env=env,
+            cwd=PROJECT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    rows, computed, _shards = _stored_rows(ws)
+    assert rows == computed == n  # every content computed once in all, none twice
+    assert sorted("reused     0" in out for out, _err in outputs) == [False, True]

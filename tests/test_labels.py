@@ -7,7 +7,6 @@ and the clustering is the real `imgcluster.clustering.cluster`.
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import os
@@ -25,7 +24,7 @@ from sklearn.metrics import v_measure_score
 
 from imgcluster import labels as L
 from imgcluster.cli import cli
-from imgcluster.clustering import cluster
+from imgcluster.clustering import cluster, store_partition
 from imgcluster.errors import (
     ImgclusterError,
     InvalidLabelName,
@@ -34,11 +33,13 @@ from imgcluster.errors import (
     StaleState,
     UnknownCluster,
     UnknownImage,
+    UnknownLabel,
 )
 from imgcluster.features import save_vectors
-from imgcluster.images import ingest
+from imgcluster.images import ingest, relocate
 from imgcluster.workspace import Workspace
-from tests.conftest import PROJECT, SAMPLE_DATA
+from tests.conftest import FMNIST as SAMPLE_DATA  # 6 classes x 30 grey PNGs
+from tests.conftest import PROJECT, read_truth
 
 BACKBONE = "synthetic"
 
@@ -76,8 +77,7 @@ def ws(template: Path, tmp_path: Path) -> Workspace:
 
 
 def _truth() -> dict[str, str]:
-    with open(SAMPLE_DATA / "labels.csv", newline="") as fh:
-        return {r["path"].removeprefix("images/"): r["label"] for r in csv.DictReader(fh)}
+    return read_truth(SAMPLE_DATA, strip="images/")
 
 
 def _relpaths(ws: Workspace, ids) -> list[str]:
@@ -87,7 +87,7 @@ def _relpaths(ws: Workspace, ids) -> list[str]:
 
 def _state(ws: Workspace) -> tuple[dict, dict]:
     """Live labels ``{id: (name, cluster)}`` and image rows ``{id: (label, confirmed, state,
-    confidence)}`` of the active session, straight from SQLite."""
+    confidence, by_hand)}`` of the active session, straight from SQLite."""
     with ws.read() as conn:
         sid = conn.execute("SELECT id FROM label_sessions WHERE active = 1").fetchone()[0]
         labels = {
@@ -98,10 +98,10 @@ def _state(ws: Workspace) -> tuple[dict, dict]:
             )
         }
         images = {
-            r[0]: (r[1], r[2], r[3], r[4])
+            r[0]: (r[1], r[2], r[3], r[4], r[5])
             for r in conn.execute(
-                "SELECT image_id, label_id, confirmed, state, confidence FROM image_labels "
-                "WHERE session_id = ?",
+                "SELECT image_id, label_id, confirmed, state, confidence, by_hand "
+                "FROM image_labels WHERE session_id = ?",
                 (sid,),
             )
         }
@@ -154,18 +154,36 @@ def _majority_label(ws: Workspace, cls: str) -> str:
 
 def _manual_run(ws: Workspace, assignment: dict[int, int]) -> int:
     """Store a clustering run with the given ``{image_id: cluster}`` (e.g. a deliberately
-    wrong one), as `imgcluster.clustering` stores them."""
-    with ws.transaction() as conn:
-        run_id = conn.execute(
-            "INSERT INTO clusterings(backbone, k, algorithm, seed, params, n_images, seconds) "
-            "VALUES (?, ?, 'manual', 0, '{\"preprocess\": \"pca\"}', ?, 0)",
-            (BACKBONE, len(set(assignment.values())), len(assignment)),
-        ).lastrowid
-        conn.executemany(
-            "INSERT INTO assignments(run_id, image_id, cluster, distance) VALUES (?, ?, ?, 0)",
-            [(run_id, i, c) for i, c in assignment.items()],
-        )
-    return int(run_id)
+    wrong one), through the library."""
+    return store_partition(ws, BACKBONE, assignment, preprocess="pca")
+
+
+def _own_collection(ws: Workspace, tmp_path: Path) -> Path:
+    """Give this test's workspace its own copy of the images (relocated by content), so the
+    test can add files and ingest them without touching the shared fixture folder."""
+    root = tmp_path / "photos"
+    shutil.copytree(SAMPLE_DATA / "images", root)
+    relocate(ws, root)
+    return root
+
+
+def _add_images(ws: Workspace, root: Path, files: dict[str, bytes]) -> None:
+    """Write ``relpath -> content`` into the collection and ingest it (no features yet)."""
+    for relpath, data in files.items():
+        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (root / relpath).write_bytes(data)
+    ingest(ws, root)
+
+
+def _new_png() -> bytes:
+    """A picture none of the fixture's images has (a content with no vector)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (250, 3, 140)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _assignment_by_class(ws: Workspace) -> dict[int, int]:
@@ -283,20 +301,23 @@ def test_names_are_unique_case_insensitively(ws: Workspace) -> None:
 # -- operations -------------------------------------------------------------------------------
 
 
-def test_rename_by_name_id_and_hash_id(ws: Workspace) -> None:
+def test_rename_by_name_or_id_and_a_hash_string_is_a_name(ws: Workspace) -> None:
     first = L.list_labels(ws)[0]
     L.rename(ws, "CLUSTER_00", "a", actor="alice")
     L.rename(ws, first.id, "b", actor="alice")
-    L.rename(ws, f"#{first.id}", "c", actor="alice")
-    assert L.list_labels(ws)[0].name == "c"
-    with pytest.raises(UnknownCluster, match=r"no label 'a'.*renamed or merged"):
+    assert L.list_labels(ws)[0].name == "b"
+    # "#<id>" is CLI syntax: in the library a string is always a name
+    with pytest.raises(UnknownLabel, match=rf"no label '#{first.id}'"):
+        L.rename(ws, f"#{first.id}", "c", actor="alice")
+    with pytest.raises(UnknownLabel, match=r"no label 'a'.*renamed or merged"):
         L.rename(ws, "a", "d", actor="alice")
+    assert issubclass(UnknownLabel, ImgclusterError)
 
 
 def test_merge_moves_images_keeps_flags_and_deletes_sources(ws: Workspace) -> None:
     before = _label_of(ws)
     a_images = [p for p, lab in before.items() if lab == "cluster_01"]
-    L.move(ws, a_images[:1], "cluster_01", actor="alice")  # confirmed inside a source
+    L.confirm_images(ws, a_images[:1], actor="alice")  # confirmed inside a source
     L.set_state(ws, a_images[1:2], "unsure", actor="alice")
     applied = L.merge(ws, ["cluster_01", "cluster_02"], actor="alice")
     assert applied.n_images == 30
@@ -314,9 +335,9 @@ def test_merge_into_a_new_name_or_an_existing_label(ws: Workspace) -> None:
     L.merge(ws, ["cluster_03"], into="tops", actor="alice")  # into an existing label
     summary = {lab.name: lab.count for lab in L.list_labels(ws)}
     assert summary["tops"] == 90 and "cluster_03" not in summary
-    with pytest.raises(UnknownCluster, match="nothing to merge"):
+    with pytest.raises(UnknownLabel, match="nothing to merge"):
         L.merge(ws, ["tops"], actor="alice")
-    with pytest.raises(UnknownCluster):
+    with pytest.raises(UnknownLabel):
         L.merge(ws, ["tops", "no such label"], actor="alice")
 
 
@@ -325,9 +346,9 @@ def test_split_separates_a_mixed_label_and_keeps_decisions(ws: Workspace) -> Non
     L.merge(ws, ["cluster_00", "cluster_01"], into="mixed", actor="alice")
     members = [p for p, lab in _label_of(ws).items() if lab == "mixed"]
     keep = members[:3]
-    L.move(ws, keep, "mixed", actor="alice")  # confirmed: must not move
+    L.confirm_images(ws, keep, actor="alice")  # confirmed: must not move
     L.set_state(ws, members[3:4], "excluded", actor="alice")
-    applied = L.split(ws, "mixed", 2, actor="alice", seed=0)
+    applied = L.split(ws, "mixed", 2, actor="alice", random_state=0)
     label_of = _label_of(ws)
     assert {label_of[p] for p in keep} == {"mixed"}
     assert label_of[members[3]] == "mixed"
@@ -339,17 +360,22 @@ def test_split_separates_a_mixed_label_and_keeps_decisions(ws: Workspace) -> Non
     assert Counter(label_of[p] for p in members)["mixed"] >= 30  # the largest part stays
 
 
-def test_move_confirms_creates_the_label_and_keeps_state(ws: Workspace) -> None:
+def test_move_marks_by_hand_creates_the_label_and_keeps_state(ws: Workspace) -> None:
     paths = sorted(_label_of(ws))[:3]
     L.set_state(ws, paths[:1], "excluded", actor="alice")
     applied = L.move(ws, paths, "New label ✨", actor="bob")
     assert applied.summary == "move 3 images to 'New label ✨' (new label)"
     rows = {r.relpath: r for r in L.current_labels(ws)}
-    assert all(rows[p].label == "New label ✨" and rows[p].confirmed for p in paths)
+    # moving is a decision about a label, not a review of each image: nothing is confirmed
+    assert all(rows[p].label == "New label ✨" and not rows[p].confirmed for p in paths)
     assert rows[paths[0]].state == "excluded"
+    shown = L.label_images(ws, "New label ✨", order="relpath")
+    assert [r.by_hand for r in shown] == [True] * 3
+    summary = {s.name: s for s in L.list_labels(ws)}["New label ✨"]
+    assert (summary.count, summary.by_hand, summary.confirmed) == (3, 3, 0)
     again = L.move(ws, paths, "new LABEL ✨", actor="bob")
     assert again.entry_id is None and again.n_images == 0
-    with pytest.raises(UnknownCluster):
+    with pytest.raises(UnknownLabel):
         L.move(ws, paths, "does not exist", create=False, actor="bob")
     # an absolute path inside the collection is understood too
     L.move(ws, [str(SAMPLE_DATA / "images" / paths[1])], "cluster_05", actor="bob")
@@ -422,12 +448,14 @@ def test_delete_only_empty_labels_and_undo_restores_the_same_id(ws: Workspace) -
     L.undo(ws, actor="alice")  # the move; the label "temp" is gone
     L.move(ws, [1], "empty soon", actor="alice")
     L.move(ws, [1], "cluster_00", actor="alice")
-    empty = {lab.name: lab for lab in L.list_labels(ws)}["empty soon"]
+    empty = {lab.name: lab for lab in L.list_labels(ws, include_empty=True)}["empty soon"]
     assert empty.count == 0
+    assert "empty soon" not in {lab.name for lab in L.list_labels(ws)}  # hidden by default
     L.delete_label(ws, "empty soon", actor="alice")
-    assert "empty soon" not in {lab.name for lab in L.list_labels(ws)}
+    assert "empty soon" not in {lab.name for lab in L.list_labels(ws, include_empty=True)}
     L.undo(ws, actor="alice")
-    assert {lab.name: lab.id for lab in L.list_labels(ws)}["empty soon"] == empty.id
+    restored = {lab.name: lab.id for lab in L.list_labels(ws, include_empty=True)}
+    assert restored["empty soon"] == empty.id
 
 
 # -- undo / redo / audit ----------------------------------------------------------------------
@@ -438,6 +466,7 @@ def _some_steps(ws: Workspace, actor: str = "alice") -> None:
     paths = sorted(_label_of(ws))
     L.rename(ws, "cluster_00", "shoes 👟", actor=actor)
     L.move(ws, paths[:4], "mixed bag", actor=actor)
+    L.confirm_images(ws, paths[20:23], actor=actor)
     L.merge(ws, ["cluster_01", "cluster_02"], into="tops", actor=actor)
     L.split(ws, "tops", 3, actor=actor)
     L.set_state(ws, paths[10:12], "excluded", actor=actor)
@@ -537,7 +566,7 @@ def test_audit_log_records_who_when_what_before_and_after(ws: Workspace) -> None
     image_id = ws.image_by_relpath(image).id
     assert changes["labels"] == [[ids["sandals"], None, ["sandals", None]]]
     assert changes["images"] == [
-        [image_id, [ids[old_label], 0, "normal", None], [ids["sandals"], 1, "normal", None]]
+        [image_id, [ids[old_label], 0, "normal", None, 0], [ids["sandals"], 0, "normal", None, 1]]
     ]
     assert json.loads(row["args"]) == {"images": [image_id], "to": ids["sandals"], "created": True}
     undo_entry = L.undo(ws, actor="carol")
@@ -609,17 +638,19 @@ def test_exact_silhouette_matches_sklearn_when_every_label_is_big_enough() -> No
     labels_ = np.repeat(np.arange(4), [12, 9, 20, 7])
     space = (centres[labels_] + rng.normal(size=(len(labels_), 5))).astype(np.float32)
     normal = np.ones(len(labels_), bool)
-    out = L._geometry(space, labels_ + 100, normal)
+    out = L.label_geometry(space, labels_ + 100, normal)
     np.testing.assert_allclose(out[:, 2], silhouette_samples(space, labels_), atol=1e-4)
     # A label below the minimum size is nobody's "other" label: no image compares against it.
     tiny = labels_.copy()
     tiny[:2] = 9
-    out = L._geometry(space, tiny + 100, normal)
+    out = L.label_geometry(space, tiny + 100, normal)
     assert not np.isin(out[:, 4], [109]).any()
     assert np.isfinite(out[2:, 2]).all()
 
 
-def test_nearest_neighbours_by_cosine_without_the_image_and_its_duplicates(ws: Workspace) -> None:
+def test_nearest_neighbours_by_cosine_without_the_image_and_its_duplicates(
+    ws: Workspace, tmp_path: Path
+) -> None:
     from imgcluster.features import load_features
 
     truth = _truth()
@@ -628,15 +659,11 @@ def test_nearest_neighbours_by_cosine_without_the_image_and_its_duplicates(ws: W
     sha = features.sha256s[7]
     cosine = features.vectors @ features.vectors[7]
     order = [features.relpaths[r] for r in np.argsort(-cosine, kind="stable") if r != 7]
-    with ws.transaction() as conn:  # an exact copy of the image, and one of its best match
-        conn.execute(
-            "INSERT INTO images(relpath, sha256, status) VALUES ('zz/copy.png', ?, 'ok')", (sha,)
-        )
-        best_sha = features.sha256s[features.relpaths.index(order[0])]
-        conn.execute(
-            "INSERT INTO images(relpath, sha256, status) VALUES ('zz/twin.png', ?, 'ok')",
-            (best_sha,),
-        )
+    root = _own_collection(ws, tmp_path)
+    # an exact copy of the image, and one of its best match
+    files = {"zz/copy.png": query, "zz/twin.png": order[0]}
+    _add_images(ws, root, {new: (root / old).read_bytes() for new, old in files.items()})
+    assert {im.sha256 for im in ws.images() if im.relpath == "zz/copy.png"} == {sha}
 
     found = L.nearest_neighbours(ws, query, limit=12)
     assert len(found) == 12
@@ -657,10 +684,7 @@ def test_nearest_neighbours_by_cosine_without_the_image_and_its_duplicates(ws: W
     assert [n.image_id for n in L.nearest_neighbours(ws, image_id, limit=3)] == [
         n.image_id for n in found[:3]
     ]
-    with ws.transaction() as conn:
-        conn.execute(
-            "INSERT INTO images(relpath, sha256, status) VALUES ('late.png', ?, 'ok')", ("f" * 64,)
-        )
+    _add_images(ws, root, {"late.png": _new_png()})
     assert L.nearest_neighbours(ws, "late.png") == []
     with pytest.raises(UnknownImage):
         L.nearest_neighbours(ws, "no/such.png")
@@ -674,24 +698,20 @@ def test_app_queries_use_indexes(ws: Workspace) -> None:
         def plan(sql: str, *args: object) -> str:
             return " ".join(r[-1] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
 
-        typical = plan(L._page_sql("typicality"), 1, 2, 60, 0)
-        worst = plan(L._page_sql("misfit"), 1, 2, 60, 0)
+        typical = plan(L.page_sql("typicality"), 1, 2, 60, 0)
+        worst = plan(L.page_sql("misfit"), 1, 2, 60, 0)
         counts = plan(
             "SELECT label_id, COUNT(*) FROM image_labels WHERE session_id = ? GROUP BY label_id",
             1,
         )
-    assert "image_labels_label" in typical and "TEMP B-TREE" not in typical
-    assert "image_labels_fit" in worst and "TEMP B-TREE" not in worst
+    assert "label_geometry_typical" in typical and "TEMP B-TREE" not in typical
+    assert "label_geometry_fit" in worst and "TEMP B-TREE" not in worst
     assert "INDEX" in counts and "TEMP B-TREE" not in counts
 
 
-def test_pages_put_images_without_features_last(ws: Workspace) -> None:
+def test_pages_put_images_without_features_last(ws: Workspace, tmp_path: Path) -> None:
     """An image labeled by hand before its features exist still appears, after the rest."""
-    with ws.transaction() as conn:
-        conn.execute(
-            "INSERT INTO images(relpath, sha256, status) VALUES ('late.png', ?, 'ok')",
-            ("f" * 64,),
-        )
+    _add_images(ws, _own_collection(ws, tmp_path), {"late.png": _new_png()})
     L.move(ws, ["late.png"], "cluster_00", actor="alice")
     rows = [r for o in range(0, 35, 6) for r in L.label_images(ws, "cluster_00", offset=o, limit=6)]
     assert len(rows) == 31 and rows[-1].relpath == "late.png" and rows[-1].distance is None
@@ -707,16 +727,16 @@ def test_recluster_keeps_confirmed_labels_and_adds_exactly_n_new(ws: Workspace) 
     L.confirm(ws, "cluster_02", actor="alice")
     L.move(ws, sorted(_label_of(ws))[:5], "hand-picked", actor="alice")
     confirmed_before = {r.relpath: r.label for r in L.current_labels(ws) if r.confirmed}
-    n_labels = len(L.list_labels(ws))
-    applied = L.recluster_unconfirmed(ws, 3, seed=1, actor="alice")
-    assert len(L.list_labels(ws)) == n_labels + 3
+    n_labels = len(L.list_labels(ws, include_empty=True))
+    applied = L.recluster_unconfirmed(ws, 3, random_state=1, actor="alice")
+    assert len(L.list_labels(ws, include_empty=True)) == n_labels + 3
     assert len(applied.labels) == 3
     after = {r.relpath: r for r in L.current_labels(ws)}
     assert all(after[p].label == lab and after[p].confirmed for p, lab in confirmed_before.items())
     assert {lab.name for lab in L.list_labels(ws)} >= {"cluster_06", "cluster_07", "cluster_08"}
     # undo puts every image back and removes the new labels
     L.undo(ws, actor="alice")
-    assert len(L.list_labels(ws)) == n_labels
+    assert len(L.list_labels(ws, include_empty=True)) == n_labels
 
 
 def test_recluster_lets_unconfirmed_images_join_a_labeled_group(ws: Workspace) -> None:
@@ -848,7 +868,7 @@ def _worker(path: str, actor: str, seed: int, n_ops: int, out: str) -> None:
                 a, b = rng.sample(labels, 2)
                 result = L.merge(ws, [a.id, b.id], actor=actor)
             elif op == "split":
-                result = L.split(ws, lab.id, 2, actor=actor, seed=rng.randint(0, 9))
+                result = L.split(ws, lab.id, 2, actor=actor, random_state=rng.randint(0, 9))
             elif op == "confirm":
                 result = L.confirm(ws, lab.id, actor=actor)
             elif op == "delete":
@@ -858,7 +878,7 @@ def _worker(path: str, actor: str, seed: int, n_ops: int, out: str) -> None:
             elif op == "redo":
                 result = L.redo(ws, actor=actor)
             elif op == "recluster":
-                result = L.recluster_unconfirmed(ws, 1, seed=rng.randint(0, 9), actor=actor)
+                result = L.recluster_unconfirmed(ws, 1, random_state=rng.randint(0, 9), actor=actor)
             else:
                 continue
         except (ImgclusterError, NotEnoughImages) as exc:

@@ -1,6 +1,6 @@
 """The 2-D map: PCA stand-in at once, UMAP from a background worker, stored once per feature set.
 
-The UMAP worker is the real ``python -m imgcluster.projection`` process on real
+The UMAP worker is the real background process (`imgcluster.spaces.start_background`) on real
 EfficientNet-Lite0 features of ../shared/datasets/clothing (its numba compilation is what makes
 it slow, so it runs once for the module).
 """
@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from imgcluster import projection as P
-from imgcluster.clustering import fingerprint
-from imgcluster.features import load_features, save_vectors
+from imgcluster._process import is_locked
+from imgcluster.features import feature_set_id, load_features, save_vectors
 from imgcluster.images import ingest
 from imgcluster.workspace import Workspace
 from tests._clothing import BACKBONE as LITE0
 from tests._clothing import clothing_truth, clothing_workspace
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import FMNIST as SAMPLE_DATA  # 6 classes x 30 grey PNGs
 
 BACKBONE = "synthetic"
 
@@ -52,7 +52,9 @@ def test_pca_map_is_instant_stored_and_not_ready(sample_ws: Workspace) -> None:
     assert projection.method == "pca" and projection.ready is False
     assert projection.coords.shape == (180, 2) and np.isfinite(projection.coords).all()
     np.testing.assert_array_equal(projection.image_ids, features.image_ids)
-    assert [r[:2] for r in _rows(sample_ws)] == [("pca", fingerprint(features))]
+    with sample_ws.read() as conn:
+        fsid = feature_set_id(conn, BACKBONE)
+    assert [r[:2] for r in _rows(sample_ws)] == [("pca", fsid)]
 
     again = P.get_projection(sample_ws, BACKBONE)
     np.testing.assert_array_equal(again.coords, projection.coords)
@@ -95,7 +97,7 @@ def umap_ws(tmp_path_factory: pytest.TempPathFactory, clothing_dir: Path) -> Wor
     assert P.start_background_projection(ws, LITE0) is job
     assert job.wait(timeout=600), "UMAP worker did not finish in 10 minutes"
     assert job.returncode == 0, job.log_path.read_text()[-2000:]
-    assert not job.lock_path.exists()
+    assert not is_locked(job.lock_path)
     return ws
 
 

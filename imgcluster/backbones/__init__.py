@@ -41,12 +41,17 @@ if TYPE_CHECKING:
 __all__ = [
     "BACKBONE_NAMES",
     "DEFAULT_BACKBONE",
+    "FUSION_SEPARATOR",
+    "RECOMMENDED_FUSION",
     "Backbone",
+    "FeatureSet",
     "InvalidWeights",
     "ResizeFilter",
     "get_backbone",
     "imagenet_classes",
     "list_backbones",
+    "list_feature_sets",
+    "split_feature_set",
 ]
 
 DEFAULT_BACKBONE = "efficientnet-lite0"
@@ -233,3 +238,92 @@ def get_backbone(name: str) -> Backbone:
 def list_backbones() -> list[Backbone]:
     """All registered backbones, default first, with `offline` as of now."""
     return [factory() for factory in _REGISTRY.values()]
+
+
+# -- feature sets: one backbone, or the fusion of several --------------------------------------
+
+#: Joins member backbones in a fused feature-set name: ``efficientnet-lite0+efficientnet-lite2``.
+FUSION_SEPARATOR = "+"
+
+#: The best-quality feature set offered beside the default (issue 13: +0.01 to +0.03 NMI over
+#: Lite0 on held-out product sets; bench/README.md "Features" for this machine's figures).
+RECOMMENDED_FUSION = "efficientnet-lite0+efficientnet-lite2"
+
+# Extraction time relative to Lite0 alone, end to end on the 600 clothing photos
+# (`python bench/extract.py --fusion`, see bench/README.md "Features"); None: not measured.
+_RELATIVE_TIME: dict[str, float] = {
+    "efficientnet-lite0": 1.0,
+    "efficientnet-lite2": 1.7,
+    RECOMMENDED_FUSION: 2.6,
+}
+
+
+def split_feature_set(name: str, *, validate: bool = True) -> tuple[str, ...]:
+    """The member backbones of a feature-set name (one name for a plain backbone).
+
+    ``validate=False`` only splits (the store accepts any name, e.g. synthetic vectors).
+
+    Raises
+    ------
+    UnknownBackbone
+        A member is not registered, or a member is repeated.
+
+    Examples
+    --------
+    >>> split_feature_set("efficientnet-lite0+efficientnet-lite2")
+    ('efficientnet-lite0', 'efficientnet-lite2')
+    """
+    members = tuple(part.strip() for part in name.split(FUSION_SEPARATOR))
+    if not validate:
+        return members
+    for member in members:
+        if member not in _REGISTRY:
+            raise UnknownBackbone(
+                f"unknown backbone {member!r}; choose one of: {', '.join(BACKBONE_NAMES)}, "
+                f"or fuse several with {FUSION_SEPARATOR!r} (e.g. {RECOMMENDED_FUSION})"
+            )
+    if len(set(members)) != len(members):
+        raise UnknownBackbone(f"feature set {name!r} names a backbone twice")
+    return members
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """A choice for the Features page and ``--backbone``: one backbone or a fusion.
+
+    ``relative_time`` is the measured extraction time relative to EfficientNet-Lite0 alone
+    (None if not measured); ``output_dim`` the length of each (fused) vector.
+    """
+
+    name: str
+    members: tuple[str, ...]
+    output_dim: int
+    offline: bool
+    description: str
+    relative_time: float | None
+
+
+def feature_set(name: str) -> FeatureSet:
+    """Describe a feature-set name (see `FeatureSet`)."""
+    members = split_feature_set(name)
+    backbones = [get_backbone(m) for m in members]
+    if len(backbones) == 1:
+        description = backbones[0].description
+    else:
+        short = " + ".join(b.name.replace("efficientnet-", "").title() for b in backbones)
+        ratio = _RELATIVE_TIME.get(name)
+        cost = f" (~{ratio:.1f}x Lite0's extraction time)" if ratio else ""
+        description = f"best quality: {short}{cost}; each network's vector normalised, concatenated"
+    return FeatureSet(
+        name=name,
+        members=members,
+        output_dim=sum(b.output_dim for b in backbones),
+        offline=all(b.offline for b in backbones),
+        description=description,
+        relative_time=_RELATIVE_TIME.get(name),
+    )
+
+
+def list_feature_sets() -> list[FeatureSet]:
+    """Every backbone, then the recommended fusion: what the Features page offers."""
+    return [feature_set(name) for name in (*BACKBONE_NAMES, RECOMMENDED_FUSION)]

@@ -30,6 +30,7 @@ __all__ = [
     "VARIANTS",
     "LiteVariant",
     "build_efficientnet_lite",
+    "head_weights",
     "preprocess",
     "weights_path",
 ]
@@ -181,6 +182,34 @@ def build_efficientnet_lite(
     if weights is not None:
         _load_torch_state_dict(model, plan, load_state_dict(weights), variant, include_top)
     return model
+
+
+def head_weights(
+    name: str, weights: str | Path | None = "default"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ImageNet classifier (``_fc``) of the variant: ``(kernel (1280, 1000), bias (1000,))``.
+
+    The head is one dense layer on the pooled embedding, so ``embedding @ kernel + bias`` are the
+    network's ImageNet logits: extraction gets class probabilities from the vectors it already
+    computes, without a second output in the converted model.
+
+    Raises
+    ------
+    WeightsUnavailable, InvalidWeights
+        As for `build_efficientnet_lite`; also if the file has no classifier.
+    """
+    if weights is None:
+        raise InvalidWeights(f"random weights have no trained ImageNet head for {name}")
+    if weights in ("default", "imagenet"):
+        weights = weights_path(name)
+    state = load_state_dict(weights)
+    try:
+        kernel, bias = state["_fc.weight"], state["_fc.bias"]
+    except KeyError:
+        raise InvalidWeights(f"{weights} has no ImageNet classifier (_fc) for {name}") from None
+    if kernel.shape != (N_CLASSES, EMBEDDING_DIM) or bias.shape != (N_CLASSES,):
+        raise InvalidWeights(f"{weights}: classifier of shape {kernel.shape}, not (1000, 1280)")
+    return np.ascontiguousarray(kernel.T, dtype=np.float32), bias.astype(np.float32)
 
 
 def _round_filters(channels: int, width: float) -> int:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from imgcluster import settings
 from imgcluster.backbones.torch_legacy import InvalidWeights
 from imgcluster.errors import WeightsUnavailable
 
@@ -36,7 +37,7 @@ __all__ = [
     "keras_cache_dir",
 ]
 
-OFFLINE_ENV = "IMGCLUSTER_OFFLINE"
+OFFLINE_ENV = settings.OFFLINE_ENV
 _DOWNLOAD_HOST = ("storage.googleapis.com", 443)
 _PROBE_TIMEOUT_S = 3.0
 _TMP_KERAS = Path("/tmp/.keras")
@@ -132,9 +133,9 @@ def keras_cache_dir() -> Path:
     ``KERAS_HOME`` once, at import), including its fallback to ``/tmp/.keras`` when the
     chosen folder is read-only.
     """
-    home = os.environ.get("KERAS_HOME")
-    if home:
-        base = Path(home).expanduser()
+    home = settings.keras_home()
+    if home is not None:
+        base = home
     elif os.access(Path.home(), os.W_OK):
         base = Path.home() / ".keras"
     else:
@@ -189,7 +190,7 @@ def _resolve_weights(app: KerasApp, weights: str | Path | None) -> str | None:
         cached = cached_weights(app)
         if cached is not None:
             return str(cached)  # a path makes Keras skip its downloader entirely
-        if os.environ.get(OFFLINE_ENV):
+        if settings.offline():
             raise WeightsUnavailable(_offline_message(app, f"{OFFLINE_ENV} is set"))
         if not _host_reachable(_DOWNLOAD_HOST, _PROBE_TIMEOUT_S):
             raise WeightsUnavailable(_offline_message(app, f"{_DOWNLOAD_HOST[0]} is unreachable"))

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from imgcluster.errors import ImgclusterError
+from imgcluster.errors import InvalidWeights
 
 __all__ = ["InvalidWeights", "load_state_dict"]
 
@@ -46,10 +46,6 @@ _STORAGE_DTYPES: dict[str, np.dtype] = {
     "ByteStorage": np.dtype("u1"),
     "BoolStorage": np.dtype("?"),
 }
-
-
-class InvalidWeights(ImgclusterError, ValueError):
-    """A weights file that cannot be read, or does not fit the network it is meant for."""
 
 
 @dataclass(frozen=True)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import route_apptest_like_a_running_server
+from tests.conftest import PROJECT
 
-PROJECT = Path(__file__).resolve().parents[2]
 APP = PROJECT / "app.py"
 
-# `pages._common` is imported by the app as a top-level package from the project folder
+# `imgcluster_app` is imported by the app as a top-level package from the project folder
 # (Streamlit puts the main script's folder on sys.path); tests import it the same way.
 if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
@@ -29,10 +27,3 @@ def app_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("IMGCLUSTER_UMAP", "0")
     monkeypatch.chdir(tmp_path)
     return home
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _apptest_routed_like_a_running_server() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        route_apptest_like_a_running_server(mp)
-        yield

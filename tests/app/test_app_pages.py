@@ -19,14 +19,14 @@ from streamlit.testing.v1 import AppTest
 from imgcluster import labels as lb
 from imgcluster.features import feature_counts
 from imgcluster.workspace import Workspace
-from pages._common import md_escape
-from tests.app.conftest import APP, PROJECT
+from imgcluster_app.common import md_escape
+from tests.app.conftest import APP
+from tests.conftest import CLOTHING, PROJECT, read_truth
 
 pytestmark = pytest.mark.slow
 
 TIMEOUT = 240
 BACKBONE = "efficientnet-lite0"
-CLOTHING = PROJECT.parent / "shared" / "datasets" / "clothing"
 
 
 def ok(at: AppTest) -> AppTest:
@@ -81,9 +81,9 @@ def labeled(ws: Workspace) -> Workspace:
 
 
 def test_features_are_computed_once_and_reused(home, ws):
-    assert feature_counts(ws)[BACKBONE] == 180
+    assert feature_counts(ws)[BACKBONE] == 120
     at = page(fresh("sample"), "features")
-    assert any("All 180 images have" in s.value for s in at.success)
+    assert any("All 120 images have" in s.value for s in at.success)
     assert not [b for b in at.button if b.key == "features_extract"]
     assert at.radio[0].value == BACKBONE
 
@@ -122,21 +122,52 @@ def test_map_selection_moves_to_a_new_label_and_asks_before_dropping_edits(home,
     at.text_input(key="clusters_move_new").input("from the map")
     ok(at.button(key="clusters_move_go").click().run())
     moved = next(s for s in lb.list_labels(ws) if s.name == "from the map")
-    assert moved.count == 3 and moved.confirmed == 3
+    # A move is a decision about a label, not a review: the moved images stay unconfirmed.
+    assert moved.count == 3 and moved.confirmed == 0 and moved.by_hand == 3
     assert {i.image_id for i in lb.label_images(ws, moved.id)} <= members
     # Now the labels carry an edit: moving k asks instead of replacing them.
     session = lb.active_session(ws)
-    ok(at.slider(key="view_k_slider").set_value(7).run())
+    # (a k other than the number of labels there are: asking for those is no change)
+    ok(at.slider(key="view_k_slider").set_value(len(lb.list_labels(ws)) + 2).run())
     assert at.warning and "edit" in at.warning[0].value
     assert lb.active_session(ws).id == session.id
     ok(at.button(key="clusters_keep").click().run())
-    assert at.slider(key="view_k_slider").value == 6 and not at.warning
+    # "Keep my labels" sets k to the number of labels there are now.
+    assert at.slider(key="view_k_slider").value == len(lb.list_labels(ws)) and not at.warning
+
+
+FOCUS = "view_focus"  # the image the larger view shows (set by the grid's Enter / click)
+
+
+def chooser(at: AppTest):
+    """The Label page's label chooser (its key carries a counter: found by its label)."""
+    return next(s for s in at.selectbox if s.label == "Label")
+
+
+def focus_data(at: AppTest) -> dict:
+    """The data the larger-view component was drawn with."""
+    import json
+
+    for element in at.get("bidi_component"):
+        if element.proto.component_name == "imgcluster_focus_view":
+            return json.loads(element.proto.json)
+    raise AssertionError("no larger view on the page")
+
+
+def open_focus(ws: Workspace, label_id: int) -> tuple[AppTest, int]:
+    """The Label page with the larger view of the label's most typical image open (what a
+    click in the grid does: the grid itself runs in the browser, see tests/browser)."""
+    at = page(fresh("sample"), "label")
+    ok(chooser(at).set_value(label_id).run())
+    image = lb.label_images(ws, label_id, limit=1)[0].image_id
+    at.session_state[FOCUS] = {"id": image, "index": 0}
+    return ok(at.run()), image
 
 
 def test_label_page_rename_move_undo_redo(home, labeled):
     ws = labeled
     at = page(fresh("sample"), "label")
-    label = at.selectbox[0].value  # the first label, as shown
+    label = chooser(at).value  # the first label, as shown
     before = {s.id: s for s in lb.list_labels(ws)}
     at.text_input(key="label_rename_name").input("Sneakers 👟 <script>x</script>")
     ok(at.button(key="label_rename").click().run())
@@ -144,17 +175,12 @@ def test_label_page_rename_move_undo_redo(home, labeled):
     assert {s.id: s.name for s in lb.list_labels(ws)}[label] == "Sneakers 👟 <script>x</script>"
     assert "\\<script\\>" in at.success[0].value  # shown as text, never as markup
 
-    boxes = [c for c in at.checkbox if c.key and c.key.startswith("view_sel_")]
-    picked = [int(c.key.removeprefix("view_sel_")) for c in boxes[:2]]
-    for box in boxes[:2]:
-        box.check()
-    ok(at.run())
-    assert any("2 selected" in m.value for m in at.markdown)
-    at.text_input(key="label_move_new").input("odd ones")
-    ok(at.button(key="label_move_go").click().run())
+    at, image = open_focus(ws, label)
+    at.text_input(key="label_focus_move_new").input("odd ones")
+    ok(at.button(key="label_focus_move_go").click().run())
     odd = next(s for s in lb.list_labels(ws) if s.name == "odd ones")
-    assert sorted(i.image_id for i in lb.label_images(ws, odd.id)) == sorted(picked)
-    assert any("0 selected" in m.value for m in at.markdown)  # selection cleared
+    assert [i.image_id for i in lb.label_images(ws, odd.id)] == [image]
+    assert FOCUS not in at.session_state  # the larger view closed after the move
 
     ok(at.button(key="label_undo").click().run())
     assert "odd ones" not in {s.name for s in lb.list_labels(ws)}
@@ -162,25 +188,17 @@ def test_label_page_rename_move_undo_redo(home, labeled):
     assert "odd ones" in {s.name for s in lb.list_labels(ws)}
 
 
-def test_label_page_exclude_confirm_split_merge(home, labeled):
+def test_label_page_confirm_split_merge(home, labeled):
     ws = labeled
     at = page(fresh("sample"), "label")
-    label = at.selectbox[0].value
-    boxes = [c for c in at.checkbox if c.key and c.key.startswith("view_sel_")]
-    excluded = int(boxes[0].key.removeprefix("view_sel_"))
-    boxes[0].check()
-    ok(at.run())
-    ok(at.button(key="label_exclude").click().run())
-    state = {i.image_id: i.state for i in lb.label_images(ws, label, limit=1000)}
-    assert state[excluded] == "excluded"
-
+    label = chooser(at).value
     ok(at.button(key="label_confirm").click().run())
     summary = next(s for s in lb.list_labels(ws) if s.id == label)
     assert summary.confirmed == summary.count - summary.excluded - summary.unsure
 
     n_before = len(lb.list_labels(ws))
     other = next(s for s in lb.list_labels(ws) if s.id != label and s.count > 4)
-    ok(at.selectbox[0].set_value(other.id).run())
+    ok(chooser(at).set_value(other.id).run())
     ok(at.button(key="label_split").click().run())
     assert len(lb.list_labels(ws)) == n_before + 1
     new = max(lb.list_labels(ws), key=lambda s: s.id)
@@ -192,68 +210,85 @@ def test_label_page_exclude_confirm_split_merge(home, labeled):
 
 def test_larger_view_of_one_image_and_move_from_it(home, labeled):
     ws = labeled
-    at = page(fresh("sample"), "label")
-    label = at.selectbox[0].value
-    views = [b for b in at.button if b.key and b.key.startswith("label_view_")]
-    image = int(views[0].key.removeprefix("label_view_"))
-    ok(views[0].click().run())
-    assert at.selectbox(key="label_focus_move_target")  # the dialog's move form
+    label = lb.list_labels(ws)[0].id
+    at, image = open_focus(ws, label)
+    data = focus_data(at)
     relpath = next(i.relpath for i in lb.label_images(ws, label, limit=1000) if i.image_id == image)
-    assert any(md_escape(relpath) in m.value for m in at.markdown)
+    assert data["relpath"] == relpath and data["src"].startswith("data:image/jpeg;base64,")
+    assert data["has_next"] and not data["has_prev"]  # the first of its label
     target = next(s for s in lb.list_labels(ws) if s.id != label and s.count)
     at.selectbox(key="label_focus_move_target").set_value(target.name)
     ok(at.button(key="label_focus_move_go").click().run())
     assert image in {i.image_id for i in lb.label_images(ws, target.id, limit=1000)}
 
 
-def test_larger_view_shows_nearest_neighbours_and_takes_ones_label(home, labeled):
+def test_larger_view_shows_nearest_neighbours(home, labeled):
     ws = labeled
-    at = page(fresh("sample"), "label")
-    grid_images = len(at.image)
-    views = [b for b in at.button if b.key and b.key.startswith("label_view_")]
-    image = int(views[0].key.removeprefix("label_view_"))
-    ok(views[0].click().run())
-    expected = lb.nearest_neighbours(ws, image, limit=12)
-    assert len(expected) == 12
-    # The dialog adds the large preview and one thumbnail per neighbour, captioned with the
-    # neighbour's label and similarity, most similar first.
-    captions = [img.proto.imgs[0].caption for img in at.image][grid_images:]
-    assert len(captions) == 1 + len(expected)
-    for caption, n in zip(captions[1:], expected, strict=True):
-        assert caption == md_escape(f"{n.label} · {n.similarity:.2f}")
+    label = lb.list_labels(ws)[0].id
+    at, image = open_focus(ws, label)
+    expected = lb.nearest_neighbours(ws, image, limit=8)
+    assert len(expected) == 8
     own = {r.image_id: r.label for r in lb.current_labels(ws)}[image]
-    offered = [b for b in at.button if b.key and b.key.startswith("label_focus_to_")]
-    assert {int(b.key.removeprefix("label_focus_to_")) for b in offered} == {
-        n.image_id for n in expected if n.label != own
-    }
-    if not offered:  # every neighbour shares the label: give one a label of its own
-        lb.move(ws, [expected[-1].image_id], "neighbour's label", actor="colleague")
-        at = page(fresh("sample"), "label")
-        ok(next(b for b in at.button if b.key == f"label_view_{image}").click().run())
-        offered = [b for b in at.button if b.key and b.key.startswith("label_focus_to_")]
-    target = next(
-        n
-        for n in lb.nearest_neighbours(ws, image)
-        if n.image_id == int(offered[0].key.removeprefix("label_focus_to_"))
-    )
-    ok(offered[0].click().run())
-    row = {r.image_id: r for r in lb.current_labels(ws)}[image]
-    assert row.label == target.label and row.confirmed
+    shown = focus_data(at)["neighbours"]
+    assert [n["id"] for n in shown] == [n.image_id for n in expected]  # most similar first
+    for item, n in zip(shown, expected, strict=True):
+        assert item["label"] == n.label and abs(item["similarity"] - n.similarity) < 1e-6
+        assert item["movable"] == (n.label != own)  # "Use this label" only for another label
 
 
 def test_a_stale_view_changes_nothing(home, labeled):
-    ws = labeled
     """Another annotator moves an image after this tab showed it: the tab's move is refused."""
-    at = page(fresh("sample"), "label")
-    boxes = [c for c in at.checkbox if c.key and c.key.startswith("view_sel_")]
-    image = int(boxes[-1].key.removeprefix("view_sel_"))
-    boxes[-1].check()
-    ok(at.run())
+    ws = labeled
+    label = lb.list_labels(ws)[0].id
+    at, image = open_focus(ws, label)
     lb.move(ws, [image], "someone else's", actor="colleague")
-    at.text_input(key="label_move_new").input("mine")
-    at.button(key="label_move_go").click().run()
+    at.text_input(key="label_focus_move_new").input("mine")
+    at.button(key="label_focus_move_go").click().run()
     assert at.error and "changed" in at.error[0].value
     assert "mine" not in {s.name for s in lb.list_labels(ws)}
+
+
+def test_label_page_opens_where_the_url_says_and_keeps_it_there(home, labeled):
+    ws = labeled
+    big = max(lb.list_labels(ws), key=lambda s: s.count)
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.query_params.update({"ws": "sample", "label": big.name, "order": "relpath"})
+    ok(at.switch_page("pages/label.py").run())
+    assert chooser(at).value == big.id
+    assert at.query_params["label"] == big.name and at.query_params["order"] == "relpath"
+    grid = next(e for e in at.get("bidi_component") if e.proto.component_name.endswith("grid"))
+    import json
+
+    shown = [item["relpath"] for item in json.loads(grid.proto.json)["items"]]
+    assert shown == [i.relpath for i in lb.label_images(ws, big.id, limit=48, order="relpath")]
+
+
+def test_next_label_to_review_and_the_default_annotator_name(home, labeled):
+    ws = labeled
+    at = page(fresh("sample"), "label")
+    ok(at.button(key="label_next").click().run())
+    assert chooser(at).value == lb.next_label_to_review(ws).id
+    # No name typed: this session's own name, said next to the box, recorded with each step.
+    default = at.session_state["_session_actor"]
+    assert default.startswith("annotator-")
+    assert any(md_escape(default) in c.value for c in at.sidebar.caption)
+    ok(at.button(key="label_confirm").click().run())
+    assert lb.history(ws, limit=1)[0].actor == default
+    other = page(fresh("sample"), "label")
+    assert other.session_state["_session_actor"] != default  # another tab, another name
+
+
+def test_a_cluster_nn_label_offers_its_suggested_name_in_one_click(home, labeled):
+    """The real CNN's ImageNet head names a cluster of real photos; one click accepts it."""
+    ws = labeled
+    at = page(fresh("sample"), "label")
+    label = next(s for s in lb.list_labels(ws) if s.name.startswith("cluster_"))
+    ok(chooser(at).set_value(label.id).run())
+    button = at.button(key="label_accept_name")
+    suggested = button.label.removeprefix("Name it ")
+    assert suggested and not suggested.startswith("cluster_")
+    ok(button.click().run())
+    assert {s.id: s.name for s in lb.list_labels(ws)}[label.id] == suggested
 
 
 def test_export_page_writes_folders_and_offers_the_zip(home, labeled):
@@ -263,7 +298,7 @@ def test_export_page_writes_folders_and_offers_the_zip(home, labeled):
     kept = preview[~preview["label"].str.startswith("(left out")]
     assert (
         kept["images"].sum() + preview[preview["label"] == "(left out: excluded)"]["images"].sum()
-        == 180
+        == 120
     )
     at.radio(key="export_split").set_value("0.8,0.2")
     ok(at.run())
@@ -297,7 +332,7 @@ def test_reload_shows_the_same_labels(home, labeled):
     ws = labeled
     names = sorted(s.name for s in lb.list_labels(ws))
     at = page(fresh("sample"), "label")
-    shown = sorted(o.split(" — ")[0] for o in at.selectbox[0].options)
+    shown = sorted(o.split(" — ")[0] for o in chooser(at).options)
     assert shown == names
 
 
@@ -306,8 +341,7 @@ def test_clothing_photos_end_to_end(home, tmp_path_factory):
         pytest.skip(f"{CLOTHING} not present (it lives in ../shared beside the project)")
     base = home.parent
     photos = base / "clothing-part"
-    with open(CLOTHING / "labels.csv", newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = [{"path": p, "label": c} for p, c in read_truth(CLOTHING).items()]
     for cls in ("dress", "hat", "pants", "shoes"):
         for row in [r for r in rows if r["label"] == cls][:6]:
             dest = photos / row["path"]

@@ -14,7 +14,7 @@ from PIL import Image
 
 from imgcluster.errors import InvalidPath
 from imgcluster.uploads import UploadRejected, extract_zip, safe_relpath, save_uploads
-from pages import _common as common
+from imgcluster_app import common
 
 
 def _png(color: tuple[int, int, int] = (200, 30, 30)) -> bytes:

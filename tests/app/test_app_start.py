@@ -31,17 +31,17 @@ def test_first_run_offers_the_sample_in_one_click(app_env: Path):
     assert at.title[0].value == "imgcluster"
     _ok(at.button(key="start_sample").click().run())
     ws = Workspace(app_env / "sample")
-    assert ws.image_counts()["ok"] == 180
+    assert ws.image_counts()["ok"] == 120
     assert at.session_state["ws_path"] == str(ws.path)
     assert at.query_params["ws"] == "sample"
-    assert "180 images" in at.success[0].value
+    assert "120 images" in at.success[0].value
     # A reload (fresh session, same URL) reopens the same workspace.
     again = _app()
     again.query_params["ws"] = "sample"
     _ok(again.run())
     assert again.session_state["ws_path"] == str(ws.path)
     _ok(again.switch_page("pages/images.py").run())
-    assert [m.value for m in again.metric][:2] == ["180", "0"]
+    assert [m.value for m in again.metric][:2] == ["120", "0"]
     assert len(again.image) == 48  # the first page of thumbnails
     assert again.query_params["ws"] == "sample"  # kept across page switches
 

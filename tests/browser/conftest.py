@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-PROJECT = Path(__file__).resolve().parents[2]
+from tests.conftest import PROJECT
+
 ARTIFACTS = PROJECT / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -55,7 +56,9 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: f
 
 
 @pytest.fixture(scope="module")
-def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+def app_server(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[dict[str, object]]:
     """Start the app; yields ``url``, ``port``, ``workspaces`` (its workspaces folder)."""
     pytest.importorskip("playwright")
     if not CHROMIUM.exists():
@@ -70,7 +73,8 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, o
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("IMGCLUSTER_ALLOWED_ROOTS", None)  # the defaults: the project folder, sample_data/
-    log = ARTIFACTS / "streamlit-server.log"
+    # One log per test module: modules (and people) running at once never share one.
+    log = ARTIFACTS / f"streamlit-server-{request.module.__name__.rsplit('.', 1)[-1]}.log"
     with open(log, "wb") as log_fh:
         proc = subprocess.Popen(
             [
@@ -129,3 +133,191 @@ def browser_page(app_server: dict[str, object]) -> Iterator[object]:
         finally:
             context.close()
             browser.close()
+
+
+# -- a workspace made for the Label page -------------------------------------------------------
+
+#: Cluster sizes of `make_label_workspace`: one label of 4 pages (48 a page), one of 2, ...
+LABEL_SIZES = (150, 71, 52, 27)
+SYNTHETIC = "synthetic"  # the feature set's name: class-blob vectors, no CNN
+
+
+def make_label_workspace(path: Path, *, n_strays: int = 4) -> dict[str, object]:
+    """A workspace for Label-page tests, built through the library in a few seconds.
+
+    Real PNG files (tiny, one colour per class plus noise) are ingested; each class gets a
+    well-separated blob of vectors (the CNN is not what these tests are about), KMeans with
+    k = 4 finds the classes exactly, and labeling starts from it. Then ``n_strays`` images of
+    the second-largest class are moved into the largest one (so it has misfits) and every image
+    of the smallest class into the third (so one label is empty).
+
+    Returns ``{"by_class": [label names of classes 0-2], "empty": the label of class 3 (now
+    empty), "strays": [relpaths moved into class 0's label]}``: class 0's label has 154 images
+    (4 pages), class 2's 79 (2 pages), class 1's 67 (2 pages).
+    """
+    import numpy as np
+    from PIL import Image
+
+    from imgcluster import labels as lb
+    from imgcluster.clustering import cluster
+    from imgcluster.features import save_vectors
+    from imgcluster.images import ingest
+    from imgcluster.workspace import Workspace
+
+    photos = path.parent / f"{path.name}-photos"
+    rng = np.random.default_rng(0)
+    for cls, size in enumerate(LABEL_SIZES):
+        folder = photos / f"class{cls}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = np.array([(60 * cls + 40) % 256, (150 - 30 * cls) % 256, (90 * cls) % 256])
+        for i in range(size):
+            noise = rng.integers(-25, 25, size=(24, 32, 3))
+            pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"c{cls}_{i:03d}.png")
+    workspace = Workspace(path, create=True)
+    ingest(workspace, photos)
+    images = workspace.images()
+    centres = rng.normal(size=(len(LABEL_SIZES), 16)) * 4.0
+    cls_of = [int(im.relpath.split("/")[0].removeprefix("class")) for im in images]
+    vectors = np.array([centres[c] + rng.normal(size=16) for c in cls_of])
+    save_vectors(workspace, SYNTHETIC, [im.sha256 for im in images], vectors)
+    run = cluster(workspace, SYNTHETIC, len(LABEL_SIZES))
+    lb.start_session(workspace, run.id, actor="setup")
+    by_class: dict[int, str] = {}
+    for item in lb.current_labels(workspace):
+        by_class.setdefault(int(item.relpath.split("/")[0].removeprefix("class")), item.label)
+    id_of = {s.name: s.id for s in lb.list_labels(workspace)}
+    strays = [im for im, c in zip(images, cls_of, strict=True) if c == 1][:n_strays]
+    lb.move(workspace, [im.id for im in strays], id_of[by_class[0]], actor="setup")
+    smallest = [im.id for im, c in zip(images, cls_of, strict=True) if c == 3]
+    lb.move(workspace, smallest, id_of[by_class[2]], actor="setup")
+    return {
+        "by_class": [by_class[0], by_class[1], by_class[2]],
+        "empty": by_class[3],
+        "strays": [im.relpath for im in strays],
+    }
+
+
+# -- driving the Label page --------------------------------------------------------------------
+# The helpers work on the page's grid whether it is drawn by the selection-grid component
+# (cells carrying ``data-relpath``) or, as before it, by `st.image` + `st.checkbox`; a bug's
+# test thus runs unchanged on the code before and after its fix.
+
+GRID_CELL = "[data-relpath]"
+
+
+def settle(page, timeout: float = 120_000) -> None:
+    """Wait until the script run triggered by the last action has finished."""
+    page.wait_for_timeout(300)
+    page.wait_for_selector(
+        '[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=timeout
+    )
+    page.wait_for_timeout(200)
+
+
+def open_label_page(page, url: str, ws_name: str, query: str = "") -> None:
+    """A fresh tab's first view of the Label page of workspace ``ws_name``."""
+    page.goto(f"{url}/label?ws={ws_name}{query}")
+    page.get_by_role("heading", name="Label", level=1).wait_for()
+    settle(page)
+
+
+def uses_grid_component(page) -> bool:
+    return page.locator(GRID_CELL).count() > 0
+
+
+def shown_names(page) -> list[str]:
+    """File names (last path part) of the images in the grid, in order."""
+    if uses_grid_component(page):
+        paths = page.locator(GRID_CELL).evaluate_all(
+            "els => els.map(e => e.getAttribute('data-relpath'))"
+        )
+        return [p.rsplit("/", 1)[-1] for p in paths]
+    captions = page.get_by_test_id("stImageCaption").all_inner_texts()
+    return [c.strip().split("\n")[0].strip() for c in captions]
+
+
+def tick(page, index: int, *, shift: bool = False) -> None:
+    """Select the ``index``-th image of the grid (a click on the photo, or its checkbox)."""
+    if uses_grid_component(page):
+        page.locator(GRID_CELL).nth(index).click(modifiers=["Shift"] if shift else None)
+        page.wait_for_timeout(50)
+    else:
+        page.get_by_test_id("stCheckbox").nth(index).click()
+        settle(page)
+
+
+def ticked(page) -> int:
+    """How many images the grid draws as selected."""
+    if uses_grid_component(page):
+        return page.locator(f"{GRID_CELL}[aria-selected='true']").count()
+    return page.locator('[data-testid="stCheckbox"] input:checked').count()
+
+
+def ticked_names(page) -> list[str]:
+    if uses_grid_component(page):
+        paths = page.locator(f"{GRID_CELL}[aria-selected='true']").evaluate_all(
+            "els => els.map(e => e.getAttribute('data-relpath'))"
+        )
+        return [p.rsplit("/", 1)[-1] for p in paths]
+    names = shown_names(page)
+    boxes = page.get_by_test_id("stCheckbox").locator("input")
+    return [n for i, n in enumerate(names) if boxes.nth(i).is_checked()]
+
+
+def counter(page) -> int:
+    """The number in the page's "N selected" text."""
+    import re
+
+    text = page.get_by_text(re.compile(r"\d[\d,]* selected")).first.inner_text()
+    match = re.search(r"(\d[\d,]*) selected", text)
+    assert match, text
+    return int(match.group(1).replace(",", ""))
+
+
+def press_button(page, name: str) -> None:
+    """Click the visible button called ``name`` (in the grid or a Streamlit button) and wait."""
+    page.get_by_role("button", name=name, exact=True).first.click()
+    settle(page)
+
+
+def pick_label(page, name: str) -> None:
+    """Choose label ``name`` in the Label page's chooser (typed to filter, then its option)."""
+    import re
+
+    box = page.get_by_role("combobox", name="Label", exact=True)
+    box.click()
+    page.get_by_role("listbox").first.wait_for()
+    page.keyboard.type(name)
+    option = page.get_by_role("option", name=re.compile(rf"^{re.escape(name)} — "))
+    option.first.click()
+    settle(page)
+
+
+def chosen_label(page) -> str:
+    """The label name the chooser shows (its text starts with the name)."""
+    value = page.get_by_role("combobox", name="Label", exact=True).input_value()
+    return value.split(" — ")[0].strip()
+
+
+def library_page(workspace_path: Path, label: str, page_no: int, per_page: int) -> list[str]:
+    """File names of page ``page_no`` of ``label`` in typicality order, from the library."""
+    from imgcluster import labels as lb
+    from imgcluster.workspace import Workspace
+
+    workspace = Workspace(workspace_path)
+    label_id = next(s.id for s in lb.list_labels(workspace) if s.name == label)
+    items = lb.label_images(
+        workspace, label_id, offset=(page_no - 1) * per_page, limit=per_page, order="typicality"
+    )
+    return [i.relpath.rsplit("/", 1)[-1] for i in items]
+
+
+def label_of_files(workspace_path: Path) -> dict[str, str]:
+    """File name -> its label now, from the workspace."""
+    from imgcluster import labels as lb
+    from imgcluster.workspace import Workspace
+
+    return {
+        r.relpath.rsplit("/", 1)[-1]: r.label for r in lb.current_labels(Workspace(workspace_path))
+    }

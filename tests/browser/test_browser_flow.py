@@ -5,8 +5,8 @@ cluster, change k, box-select points on the map with the mouse, move them to a n
 rename it, undo and redo, export, download the zip, and check the exported folders on disk.
 A screenshot of every page goes to ``test-artifacts/``.
 
-One flow in steps (a module-scoped page): each step depends on the one before, as in a
-person's session; a failing step names where the flow broke.
+One test, one person's session: the steps run in order inside it (no step relies on another
+test having run, nor on shared module state); a failing step names where the flow broke.
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 NEW_LABEL = "Trousers & <b>pants</b>"  # markup in a name must show as text
 RENAMED = "trousers"
-
-#: What one step hands to a later one (the steps are one session).
-FLOW: dict[str, int] = {}
 
 
 def settle(page, timeout: float = 120_000) -> None:
@@ -69,8 +66,7 @@ def test_server_listens_on_loopback_only(app_server):
         assert sock.connect_ex(("127.0.0.2", app_server["port"])) != 0
 
 
-def test_01_create_workspace_from_server_folder(browser_page, app_server):
-    page = browser_page
+def step_01_create_workspace_from_server_folder(page, app_server):
     page.goto(app_server["url"])
     page.get_by_text("Try it on the sample images").wait_for()
     settle(page)
@@ -86,33 +82,30 @@ def test_01_create_workspace_from_server_folder(browser_page, app_server):
     page.get_by_text("is outside the folders this server may read").wait_for()
     page.get_by_label("Image folder").fill("sample_data/images")
     page.get_by_role("button", name="Create workspace", exact=True).click()
-    page.get_by_text("Workspace browser created: 180 images").wait_for(timeout=120_000)
+    page.get_by_text("Workspace browser created: 120 images").wait_for(timeout=120_000)
     settle(page)
     assert "ws=browser" in page.url
     assert (app_server["workspaces"] / "browser" / "imgcluster.sqlite").is_file()
 
 
-def test_02_images_page(browser_page):
-    page = browser_page
+def step_02_images_page(page):
     go(page, "Images")
     page.get_by_test_id("stMetric").first.wait_for()
-    assert "180" in page.get_by_test_id("stMetric").first.inner_text()
+    assert "120" in page.get_by_test_id("stMetric").first.inner_text()
     page.get_by_test_id("stImage").first.wait_for()
     assert page.get_by_test_id("stImage").count() >= 40
     shot(page, "02-images")
 
 
-def test_03_extract_features(browser_page):
-    page = browser_page
+def step_03_extract_features(page):
     go(page, "Features")
     page.get_by_role("button", name="Compute features").click()
-    page.get_by_text("All 180 images have efficientnet-lite0 features").wait_for(timeout=300_000)
+    page.get_by_text("All 120 images have efficientnet-lite0 features").wait_for(timeout=300_000)
     settle(page)
     shot(page, "03-features")
 
 
-def test_04_cluster_and_change_k(browser_page):
-    page = browser_page
+def step_04_cluster_and_change_k(page):
     go(page, "Clusters")
     page.get_by_text("features · 8 labels").wait_for()
     k_box = page.get_by_label("k", exact=True)
@@ -124,8 +117,7 @@ def test_04_cluster_and_change_k(browser_page):
     shot(page, "04-clusters")
 
 
-def test_05_box_select_and_move_to_new_label(browser_page, app_server):
-    page = browser_page
+def step_05_box_select_and_move_to_new_label(page, app_server):
     chart = page.get_by_test_id("stPlotlyChart").first
     chart.scroll_into_view_if_needed()
     chart.hover()
@@ -150,14 +142,13 @@ def test_05_box_select_and_move_to_new_label(browser_page, app_server):
     # Shown as text, not as bold markup.
     assert page.locator("b", has_text="pants").count() == 0
     shot(page, "06-moved")
-    FLOW["n_selected"] = n_selected
+    return n_selected
 
 
-def test_06_rename_undo_redo_on_label_page(browser_page):
-    page = browser_page
+def step_06_rename_undo_redo_on_label_page(page):
     go(page, "Label")
     choose(page, "Label", "Trousers")
-    page.get_by_test_id("stImage").first.wait_for()
+    page.locator("[data-relpath]").first.wait_for()  # the selection grid
     page.get_by_test_id("stPopoverButton").filter(has_text="Rename").click()
     body = page.get_by_test_id("stPopoverBody")
     body.get_by_label("New name").fill(RENAMED)
@@ -173,22 +164,20 @@ def test_06_rename_undo_redo_on_label_page(browser_page):
     shot(page, "07-label")
 
 
-def test_07_export_and_download(browser_page, app_server, tmp_path):
-    page = browser_page
+def step_07_export_and_download(page, app_server, tmp_path, n_selected: int):
     go(page, "Export")
     # The preview table (a canvas grid; its cells exist for screen readers).
     page.locator('[role="gridcell"]', has_text=RENAMED).first.wait_for(state="attached")
     shot(page, "08-export-preview")
     page.get_by_role("button", name="Export", exact=True).click()
-    page.get_by_text("Exported 180 images").wait_for(timeout=120_000)
+    page.get_by_text("Exported 120 images").wait_for(timeout=120_000)
     settle(page)
     shot(page, "09-exported")
     out = app_server["workspaces"] / "browser" / "exports" / "dataset"
     folders = {p.name: p for p in out.iterdir() if p.is_dir()}
-    n_selected = FLOW["n_selected"]
     assert RENAMED in folders
     assert len(list(folders[RENAMED].iterdir())) == n_selected
-    assert sum(len(list(f.iterdir())) for f in folders.values()) == 180
+    assert sum(len(list(f.iterdir())) for f in folders.values()) == 120
     with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert sum(r["label"] == RENAMED for r in rows) == n_selected
@@ -204,11 +193,10 @@ def test_07_export_and_download(browser_page, app_server, tmp_path):
             == n_selected
         )
         manifest = zf.read("dataset/manifest.csv").decode("utf-8")
-    assert len(list(csv.DictReader(io.StringIO(manifest)))) == 180
+    assert len(list(csv.DictReader(io.StringIO(manifest)))) == 120
 
 
-def test_08_reload_keeps_workspace_and_labels(browser_page, app_server):
-    page = browser_page
+def step_08_reload_keeps_workspace_and_labels(page, app_server):
     page.reload()
     settle(page)
     page.get_by_role("heading", name="Export", level=1).wait_for()
@@ -216,3 +204,15 @@ def test_08_reload_keeps_workspace_and_labels(browser_page, app_server):
     choose(page, "Label", RENAMED)
     shown = page.get_by_role("combobox", name="Label", exact=True).input_value()
     assert shown.startswith(f"{RENAMED} — ")
+
+
+def test_an_annotators_day(browser_page, app_server, tmp_path):
+    page = browser_page
+    step_01_create_workspace_from_server_folder(page, app_server)
+    step_02_images_page(page)
+    step_03_extract_features(page)
+    step_04_cluster_and_change_k(page)
+    n_selected = step_05_box_select_and_move_to_new_label(page, app_server)
+    step_06_rename_undo_redo_on_label_page(page)
+    step_07_export_and_download(page, app_server, tmp_path, n_selected)
+    step_08_reload_keeps_workspace_and_labels(page, app_server)

@@ -1,9 +1,10 @@
 """A server's very first request may be a deep link (a bookmark, a shared URL after a restart).
 
-With a ``pages/`` folder beside ``app.py``, Streamlit 1.67 starts in its legacy file-based
-navigation and would run ``pages/label.py`` alone: no router, no sidebar, and every helper module
-of ``pages/`` listed as a page. This module starts its own server so that its first request is
-the deep link.
+With a ``pages/`` folder beside ``app.py``, Streamlit 1.67 serves a fresh server's first
+request in its legacy file-based navigation, which runs ``pages/label.py`` alone. The page's
+first line (`imgcluster_app.router.enter`) then runs the router, with public API only: this
+test checks the result is the routed app (its sidebar, exactly the six declared pages). This
+module starts its own server so that its first request is the deep link.
 """
 
 from __future__ import annotations

@@ -3,20 +3,11 @@ outlive the test run (the projection has tests of its own)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from tests.conftest import route_apptest_like_a_running_server
+from imgcluster.settings import UMAP_ENV
 
 
 @pytest.fixture(autouse=True)
 def _no_umap_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("IMGCLUSTER_UMAP", "0")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _apptest_routed_like_a_running_server() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        route_apptest_like_a_running_server(mp)
-        yield
+    monkeypatch.setenv(UMAP_ENV, "0")

@@ -195,12 +195,18 @@ def make_corpus(root: Path, *, permissions: bool = True) -> list[Case]:
     # Geometry extremes.
     ok("1-pixel image", "one_pixel.png", encode(solid(BLUE, (1, 1)), "PNG"), (1, 1), BLUE, "PNG")
     ok(
-        "30000x10 image",
+        "500x10 image (the widest aspect ratio accepted)",
         "wide.png",
-        encode(solid(GREEN, (30000, 10)), "PNG"),
-        (256, 1),
+        encode(solid(GREEN, (500, 10)), "PNG"),
+        (256, 5),
         GREEN,
         "PNG",
+    )
+    bad(
+        "30000x10 image (would cost gigabytes once resized for a network)",
+        "strip.png",
+        "extreme aspect ratio",
+        data=encode(solid(GREEN, (30000, 10)), "PNG"),
     )
     bad(
         "JPEG header claiming 65535x65535",

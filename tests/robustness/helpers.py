@@ -6,10 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[2]
-CLOTHING = PROJECT.parent / "shared" / "datasets" / "clothing"
+from tests.conftest import CLOTHING, PROJECT
+
+__all__ = ["CLOTHING", "PROJECT", "can_enforce_permissions", "imgcluster", "unprivileged"]
 
 #: Capabilities that let root read any file; dropped so permission cases behave as for users.
 _CAPS = "-dac_override,-dac_read_search"
@@ -36,6 +36,5 @@ def imgcluster(*args: str, timeout: float = 300, **kwargs: object) -> subprocess
         text=True,
         timeout=timeout,
         check=False,
-        cwd=PROJECT,
-        **kwargs,
+        **{"cwd": PROJECT, **kwargs},
     )

@@ -62,31 +62,43 @@ def _images(ws: Workspace, conn: sqlite3.Connection, thumbnails: bool) -> list[s
     by_id = {row["id"]: row for row in rows}
     for row in rows:
         where = f"image {row['relpath']!r} ({row['status']})"
-        if row["status"] == "ok":
-            if not (row["sha256"] and row["format"] and row["width"] and row["height"]):
-                found.append(f"{where}: ok without hash/format/size")
-            elif row["width"] < 1 or row["height"] < 1:
-                found.append(f"{where}: size {row['width']}x{row['height']}")
-            elif thumbnails and not ws.thumbnail_path(row["sha256"]).is_file():
-                found.append(f"{where}: no thumbnail")
-            if row["skip_reason"] is not None:
-                found.append(f"{where}: ok with a skip reason {row['skip_reason']!r}")
-        elif row["status"] == "skipped":
-            if not row["skip_reason"] or not _REASON.match(row["skip_reason"]):
-                found.append(f"{where}: reason {row['skip_reason']!r} is not '<kind>: <detail>'")
-        elif row["status"] == "missing":
-            if not (row["skip_reason"] or "").startswith("missing"):
-                found.append(f"{where}: reason {row['skip_reason']!r}")
-        else:
-            found.append(f"{where}: unknown status")
-        dup = row["duplicate_of"]
-        if dup is not None:
-            original = by_id.get(dup)
-            if row["status"] != "ok" or original is None or original["status"] != "ok":
-                found.append(f"{where}: duplicate_of {dup} is not an ok image")
-            elif original["sha256"] != row["sha256"] or dup >= row["id"]:
-                found.append(f"{where}: duplicate_of {dup} has other content or a later id")
+        found += [f"{where}: {p}" for p in _row_problems(ws, row, thumbnails)]
+        found += [f"{where}: {p}" for p in _duplicate_problems(row, by_id)]
     return found
+
+
+def _row_problems(ws: Workspace, row: sqlite3.Row, thumbnails: bool) -> list[str]:
+    """What is wrong with one image row for its status."""
+    status, reason = row["status"], row["skip_reason"]
+    if status == "skipped":
+        ok = bool(reason) and bool(_REASON.match(reason))
+        return [] if ok else [f"reason {reason!r} is not '<kind>: <detail>'"]
+    if status == "missing":
+        return [] if (reason or "").startswith("missing") else [f"reason {reason!r}"]
+    if status != "ok":
+        return ["unknown status"]
+    found = []
+    if not (row["sha256"] and row["format"] and row["width"] and row["height"]):
+        found.append("ok without hash/format/size")
+    elif row["width"] < 1 or row["height"] < 1:
+        found.append(f"size {row['width']}x{row['height']}")
+    elif thumbnails and not ws.thumbnail_path(row["sha256"]).is_file():
+        found.append("no thumbnail")
+    if reason is not None:
+        found.append(f"ok with a skip reason {reason!r}")
+    return found
+
+
+def _duplicate_problems(row: sqlite3.Row, by_id: dict[int, sqlite3.Row]) -> list[str]:
+    dup = row["duplicate_of"]
+    if dup is None:
+        return []
+    original = by_id.get(dup)
+    if row["status"] != "ok" or original is None or original["status"] != "ok":
+        return [f"duplicate_of {dup} is not an ok image"]
+    if original["sha256"] != row["sha256"] or dup >= row["id"]:
+        return [f"duplicate_of {dup} has other content or a later id"]
+    return []
 
 
 def _features(ws: Workspace, conn: sqlite3.Connection) -> list[str]:
@@ -172,9 +184,10 @@ def audit_mismatches(ws: Workspace) -> list[str]:
             )
         }
         current = {
-            row[0]: (row[1], row[2], row[3], row[4])
+            row[0]: (row[1], row[2], row[3], row[4], row[5])
             for row in conn.execute(
-                "SELECT image_id, label_id, confirmed, state, confidence FROM image_labels "
+                "SELECT image_id, label_id, confirmed, state, confidence, by_hand "
+                "FROM image_labels "
                 "WHERE session_id = ?",
                 (sid,),
             )

@@ -5,6 +5,7 @@ failing. Streamlit AppTest, no browser.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def test_pages_render_the_hostile_corpus_and_extraction_reports_changes(
     ws = Workspace(tmp_path / "ws", create=True)
     ingest(ws, root)
     (root / "one_pixel.png").unlink()  # changed after ingest
-    (root / "wide.png").write_bytes(b"not a png any more")
+    (root / "shot.webp").write_bytes(b"not a webp any more")
     monkeypatch.setenv("IMGCLUSTER_WORKSPACES", str(tmp_path))
     monkeypatch.setenv("IMGCLUSTER_ALLOWED_ROOTS", str(tmp_path))
 
@@ -55,8 +56,9 @@ def test_pages_render_the_hostile_corpus_and_extraction_reports_changes(
     _ok(at.switch_page("pages/features.py").run())
     _ok(at.button(key="features_extract").click().run())
     assert not at.error, [e.value for e in at.error]
-    # one_pixel.png and its symlink alias, and wide.png: reported, not fatal.
-    assert any("3" in w.value for w in at.warning), [w.value for w in at.warning]
+    # one_pixel.png and its symlink alias, and shot.webp: reported, not fatal, and counted.
+    counts = [re.findall(r"(?<![\w.])\d+(?![\w.])", w.value) for w in at.warning]
+    assert ["3"] in counts, [w.value for w in at.warning]
     usable = len(ws.images())
     assert feature_counts(ws).get("efficientnet-lite0") == usable - 3
     assert problems(ws) == []

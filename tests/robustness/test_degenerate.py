@@ -1,62 +1,52 @@
 """Degenerate collections reach clustering and labeling: as many clusters as images, identical
-images, all-zero vectors. Each ends in a stored run or an `ImgclusterError` a person can act
-on, never in a library exception from deep inside scikit-learn.
+images, all-zero vectors. Each case states its outcome: a stored run whose labels hold every
+image, or (``refusal``) the `ImgclusterError` a person can act on, never a library exception
+from deep inside scikit-learn and never an error the case did not expect.
 """
 
 from __future__ import annotations
 
-import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from imgcluster.errors import ImgclusterError
-from imgcluster.features import save_vectors
-from imgcluster.workspace import Workspace
+from tests.conftest import synthetic_workspace
 from tests.robustness.invariants import problems
 
 BACKBONE = "synthetic"
 
 
-def _workspace(tmp_path: Path, vectors: np.ndarray) -> Workspace:
-    """Image rows (no files: clustering and labeling never open them) with these vectors."""
-    ws = Workspace(tmp_path / "ws", create=True)
-    (tmp_path / "photos").mkdir()
-    ws.set_collection_root(tmp_path / "photos")
-    shas = [hashlib.sha256(f"image {i}".encode()).hexdigest() for i in range(len(vectors))]
-    with ws.transaction() as conn:
-        conn.executemany(
-            "INSERT INTO images(relpath, sha256, size, mtime_ns, width, height, format, status) "
-            "VALUES (?, ?, 1, 1, 8, 8, 'PNG', 'ok')",
-            [(f"{i:03d}.png", sha) for i, sha in enumerate(shas)],
-        )
-    save_vectors(ws, BACKBONE, shas, np.asarray(vectors, dtype=np.float32))
-    return ws
-
-
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # PCA of identical rows divides by 0
 @pytest.mark.parametrize(
-    ("case", "vectors", "k"),
+    ("case", "vectors", "k", "refusal"),
     [
-        ("as many clusters as images", np.eye(4, 16), 4),
-        ("one image fewer than clusters allow", np.eye(5, 16), 4),
-        ("identical images", np.ones((6, 16)), 2),
-        ("all-zero vectors", np.zeros((6, 16)), 3),
-        ("two points, two clusters", np.eye(2, 16), 2),
+        ("as many clusters as images", np.eye(4, 16), 4, None),
+        ("one image fewer than clusters allow", np.eye(5, 16), 4, None),
+        ("identical images", np.ones((6, 16)), 2, None),
+        ("all-zero vectors", np.zeros((6, 16)), 3, None),
+        ("two points, two clusters", np.eye(2, 16), 2, None),
+        ("more clusters than images", np.eye(3, 16), 4, r"\b3\b.*\b4\b|\b4\b.*\b3\b"),
     ],
 )
 def test_degenerate_clustering_gives_a_run_or_a_clear_error(
-    tmp_path: Path, case: str, vectors: np.ndarray, k: int
+    tmp_path: Path, case: str, vectors: np.ndarray, k: int, refusal: str | None
 ) -> None:
     from imgcluster.clustering import cluster
     from imgcluster.labels import list_labels, start_session
 
-    ws = _workspace(tmp_path, vectors)
-    try:
-        run = cluster(ws, BACKBONE, k)
-    except ImgclusterError:
-        return  # refused with a message for people: fine
+    ws = synthetic_workspace(tmp_path, vectors, backbone=BACKBONE)
+    if refusal is not None:
+        with pytest.raises(ImgclusterError) as err:
+            cluster(ws, BACKBONE, k)
+        assert re.search(refusal, str(err.value)), (case, str(err.value))
+        assert "\n" not in str(err.value)
+        return
+    run = cluster(ws, BACKBONE, k)  # any exception here fails the case
+    assert run.k == k and len(run.sizes) == k, case
     assert int(np.sum(run.sizes)) == len(vectors), case
     start_session(ws, run.id)
     assert sum(label.count for label in list_labels(ws)) == len(vectors)
-    assert problems(ws, thumbnails=False) == []
+    assert problems(ws) == []

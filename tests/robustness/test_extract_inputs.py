@@ -7,6 +7,7 @@ vector stored under content it does not belong to. Uses the real efficientnet-li
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from PIL import Image
 from imgcluster.features import extract, load_extractor, load_features
 from imgcluster.images import ingest
 from imgcluster.workspace import Workspace
-from tests.robustness.corpus import BLUE, GREEN, RED, encode, make_corpus, solid
+from tests.conftest import PROJECT
+from tests.robustness.corpus import BLUE, GREEN, RED, encode, exif, make_corpus, solid
 from tests.robustness.invariants import problems
 
 BACKBONE = "efficientnet-lite0"
@@ -222,3 +224,116 @@ def _run_with_deadline(ws_path: Path, seconds: float):
         proc.communicate()
         return None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+# -- seeded fuzz: mutated real images never escape a batch (issue 14 §2) ----------------------
+
+FUZZ_SEED = 20261201
+FUZZ_ITERATIONS = 2000
+REASON = re.compile(r"^[a-z][a-z0-9 -]*(: .+)?$")
+
+
+def _seed_images() -> dict[str, bytes]:
+    """One real photo re-encoded small in each format, with EXIF where the format carries it
+    (malformed EXIF is where exceptions used to escape)."""
+    photo = sorted((PROJECT / "sample_data" / "images").glob("*.jpg"))[0]
+    with Image.open(photo) as img:
+        small = img.convert("RGB").resize((64, 48))
+    tags = exif(orientation=6, description_bytes=64)
+    return {
+        "JPEG": encode(small, "JPEG", quality=80, exif=tags),
+        "PNG": encode(small, "PNG"),
+        "WEBP": encode(small, "WEBP", quality=70, exif=tags),
+        "TIFF": encode(small, "TIFF", exif=tags),
+        "GIF": encode(small.convert("P"), "GIF"),
+    }
+
+
+def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    """One seeded mutation: flipped bytes, a truncation, an inserted, deleted or repeated run."""
+    buf = bytearray(data)
+    kind = int(rng.integers(5))
+    if kind == 0:
+        for _ in range(int(rng.integers(1, 9))):
+            buf[int(rng.integers(len(buf)))] = int(rng.integers(256))
+    elif kind == 1:
+        del buf[int(rng.integers(1, len(buf))) :]
+    elif kind == 2:
+        at = int(rng.integers(len(buf)))
+        buf[at:at] = rng.integers(0, 256, int(rng.integers(1, 64)), dtype=np.uint8).tobytes()
+    elif kind == 3:
+        at = int(rng.integers(len(buf)))
+        del buf[at : at + int(rng.integers(1, 64))]
+    else:
+        at, n = int(rng.integers(len(buf))), int(rng.integers(1, 128))
+        buf[at:at] = buf[at : at + n] * int(rng.integers(2, 5))
+    return bytes(buf)
+
+
+def test_seeded_fuzz_of_mutated_images_never_escapes_the_batch(extractor) -> None:
+    rng = np.random.default_rng(FUZZ_SEED)
+    seeds = list(_seed_images().items())
+    outcomes = {"ok": 0, "failed": 0}
+    kinds: set[str] = set()
+    for start in range(0, FUZZ_ITERATIONS, 100):
+        blobs = [_mutate(seeds[(start + i) % len(seeds)][1], rng) for i in range(100)]
+        result = extractor.transform_batch(blobs)  # must not raise, whatever the bytes
+        assert len(result.ok) == 100
+        assert result.vectors.shape == (int(result.ok.sum()), 1280)
+        assert np.isfinite(result.vectors).all()
+        failed = {index for index, _reason in result.failures}
+        assert failed == {i for i in range(100) if not result.ok[i]}
+        for _index, reason in result.failures:
+            assert REASON.match(reason) and "\n" not in reason, reason
+            kinds.add(reason.split(":", 1)[0])
+        outcomes["ok"] += int(result.ok.sum())
+        outcomes["failed"] += len(failed)
+    print(f"\nfuzz: {FUZZ_ITERATIONS} mutated images, {outcomes}, failure kinds {sorted(kinds)}")
+    assert outcomes["ok"] > 0 and outcomes["failed"] > 0  # the mutations hit both outcomes
+
+
+def test_extract_over_an_ingested_mutated_collection_never_raises(tmp_path: Path, extractor):
+    """End to end: whatever ingest accepted of 150 mutated files, extract stores a vector for it
+    or reports the file, and the store stays consistent."""
+    rng = np.random.default_rng(FUZZ_SEED + 1)
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i, (fmt, data) in enumerate(list(_seed_images().items()) * 30):
+        suffix = {"JPEG": "jpg", "WEBP": "webp", "TIFF": "tif"}.get(fmt, fmt.lower())
+        (root / f"{i:03d}.{suffix}").write_bytes(_mutate(data, rng))
+    ws = Workspace(tmp_path / "ws", create=True)
+    ingest(ws, root)
+    report = extract(ws, extractor, batch_size=16)
+    stored = set(load_features(ws, BACKBONE).relpaths)
+    failed = {relpath for relpath, _reason in report.failed}
+    assert {im.relpath for im in ws.images("ok")} == stored | failed
+    assert problems(ws) == []
+
+
+def test_same_size_same_mtime_replacement_leads_to_its_fix(tmp_path: Path, extractor) -> None:
+    """Extract's content check catches a replacement that keeps size and mtime; its message
+    says to run ingest, and ingest then picks the new content up (issue 14 §8)."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    first = encode(solid(RED, (32, 32)), "PNG")
+    (root / "a.png").write_bytes(first)
+    (root / "b.png").write_bytes(encode(solid(BLUE, (32, 32)), "PNG"))
+    ws = Workspace(tmp_path / "ws", create=True)
+    ingest(ws, root)
+    ingested = ws.image_by_relpath("a.png").sha256
+    before = os.stat(root / "a.png")
+    other = bytearray(encode(solid(GREEN, (32, 32)), "PNG"))
+    other = bytes(other[: len(first)]) + b"\0" * max(0, len(first) - len(other))
+    assert len(other) == len(first)
+    (root / "a.png").write_bytes(other)
+    os.utime(root / "a.png", ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    report = extract(ws, extractor)
+    (reason,) = [r for rel, r in report.failed if rel == "a.png"]
+    assert reason.startswith("changed:") and "imgcluster ingest" in reason
+    ingest(ws, root)
+    record = ws.image_by_relpath("a.png")
+    assert record.sha256 != ingested or record.status != "ok"  # the replacement was seen
+    again = extract(ws, extractor)
+    assert not [rel for rel, _r in again.failed if rel == "a.png"]
+    assert problems(ws) == []

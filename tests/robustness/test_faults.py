@@ -17,7 +17,6 @@ start-up are not what gets killed.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import random
 import shutil
@@ -37,7 +36,7 @@ import pytest
 from imgcluster.features import delete_features, load_extractor, load_features, save_vectors
 from imgcluster.images import ingest
 from imgcluster.workspace import Workspace
-from tests.robustness.helpers import CLOTHING, PROJECT
+from tests.conftest import PROJECT, SAMPLE_DATA, synthetic_workspace
 from tests.robustness.invariants import audit_mismatches, problems
 
 pytestmark = pytest.mark.slow
@@ -85,18 +84,10 @@ def _kill(proc: subprocess.Popen) -> tuple[bool, str]:
 
 @pytest.fixture(scope="module")
 def clothing_120(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 photos of each of the 10 clothing classes, copied (the originals stay read-only)."""
-    if not (CLOTHING / "labels.csv").exists():
-        pytest.skip(f"{CLOTHING} not present (it lives in ../shared beside the project)")
-    by_label: dict[str, list[str]] = defaultdict(list)
-    with open(CLOTHING / "labels.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            by_label[row["label"]].append(row["path"])
+    """The 120 shipped CC0 product photos (10 clothing classes x 12), copied (the originals
+    stay read-only); always present, so these tests never skip."""
     root = tmp_path_factory.mktemp("clothing") / "photos"
-    for paths in by_label.values():
-        for rel in sorted(paths)[:12]:
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(CLOTHING / rel, root / rel)
+    shutil.copytree(SAMPLE_DATA / "images", root)
     return root
 
 
@@ -134,7 +125,13 @@ def _orphan_shards(ws: Workspace) -> list[Path]:
     with ws.read() as conn:
         known = {r[0] for r in conn.execute("SELECT file FROM feature_shards")}
     folder = ws.features_dir(BACKBONE)
-    return [p for p in folder.glob("*.npy") if p.relative_to(ws.path).as_posix() not in known]
+    # One batch is a vector shard plus companions named after it (``<id>.top5.npy``).
+    batches = {p.name.split(".", 1)[0] for p in folder.glob("*.npy")}
+    return [
+        folder / f"{stem}.npy"
+        for stem in sorted(batches)
+        if (folder / f"{stem}.npy").relative_to(ws.path).as_posix() not in known
+    ]
 
 
 def test_extraction_killed_at_10_points_resumes_without_loss_or_redone_work(
@@ -392,22 +389,15 @@ def _audit_rows(ws: Workspace) -> int:
 
 
 def _synthetic_labeled(path: Path, n: int) -> Workspace:
-    """``n`` image rows (no files: labeling never opens them) with blob vectors, clustered into
+    """``n`` real tiny images ingested through the library, with blob vectors, clustered into
     10 and labeling started: big enough that one move of half the images takes a while."""
     from imgcluster.clustering import cluster
     from imgcluster.labels import start_session
 
-    ws = Workspace(path / "ws", create=True)
-    (path / "photos").mkdir()
-    ws.set_collection_root(path / "photos")
-    shas = [hashlib.sha256(f"image {i}".encode()).hexdigest() for i in range(n)]
-    with ws.transaction() as conn:
-        conn.executemany(
-            "INSERT INTO images(relpath, sha256, size, mtime_ns, width, height, format, status) "
-            "VALUES (?, ?, 1, 1, 8, 8, 'PNG', 'ok')",
-            [(f"c{i % 10}/{i:06d}.png", sha) for i, sha in enumerate(shas)],
-        )
-    _synthetic_vectors(ws, "synthetic")
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 64))
+    vectors = centres[np.arange(n) % 10] + 0.3 * rng.normal(size=(n, 64))
+    ws = synthetic_workspace(path, vectors)
     start_session(ws, cluster(ws, "synthetic", 10).id)
     return ws
 

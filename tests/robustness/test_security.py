@@ -1,5 +1,7 @@
 """Hostile users: names that try to be HTML or Markdown, paths that try to leave their root,
-weights files that try to run code, and the app's network exposure.
+weights files that try to run code, the app's network exposure, and sources swapped after
+ingest to make the export write something else (a setuid executable, text, a FIFO, a link out,
+any changed byte): the export writes only verified content, as 0644 files.
 
 The app pages are run with Streamlit's AppTest on a workspace whose file names and label names
 are hostile; every element that Streamlit renders as Markdown (text, captions, alerts, widget
@@ -160,7 +162,7 @@ def test_source_path_never_leaves_the_collection(tmp_path: Path, relpath: str) -
 
 
 def test_folder_picker_refuses_a_sibling_that_shares_the_root_prefix(tmp_path: Path) -> None:
-    common = pytest.importorskip("pages._common")
+    common = pytest.importorskip("imgcluster_app.common")
     root = tmp_path / "photos"
     sibling = tmp_path / "photos-private"
     (root / "inside").mkdir(parents=True)
@@ -209,3 +211,128 @@ def test_app_binds_to_loopback_with_xsrf_protection() -> None:
     assert server.get("address") in ("127.0.0.1", "localhost", "::1")
     assert server.get("enableXsrfProtection", True) is True
     assert server.get("enableCORS", True) is True
+
+
+# -- export writes only what it verified (issue 14 §1) ----------------------------------------
+
+
+def _labeled_export_workspace(tmp_path: Path) -> tuple[Workspace, Path]:
+    from tests.test_export import build_labeled_workspace
+
+    return build_labeled_workspace(tmp_path)
+
+
+def _modes(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.lstat().st_mode for p in out.rglob("*") if not p.is_dir()}
+
+
+def test_export_refuses_a_source_replaced_by_a_setuid_executable(tmp_path: Path) -> None:
+    """The escape: a labeled ".jpg" replaced by an executable (owner nobody, mode 4755) was
+    copied by a root export with its setuid bit. Now it is refused as changed content, and
+    every exported file is a 0644 regular file of the exporting user."""
+    import stat
+
+    from imgcluster.export import export_workspace, read_left_out, read_manifest
+
+    ws, root = _labeled_export_workspace(tmp_path)
+    victim = root / "shirts" / "img1.jpg"
+    victim.unlink()
+    victim.write_bytes(b"\x7fELF\x02\x01\x01" + b"\0" * 200)  # an "executable"
+    os.chmod(victim, 0o4755)
+    if os.geteuid() == 0:
+        os.chown(victim, 65534, 65534)  # nobody
+    # The other sources get odd modes too: the export never carries mode bits over.
+    for other in (root / "shoes").iterdir():
+        os.chmod(other, 0o6775)
+    out = tmp_path / "dataset"
+    result = export_workspace(ws, out)
+    assert "shirts/img1.jpg" not in {r["source"] for r in read_manifest(out)}
+    assert result.left_out["changed since ingest"] == 1
+    assert {
+        "source": "shirts/img1.jpg",
+        "label": "T恤 / shirts",
+        "reason": "changed since ingest",
+    } in (read_left_out(out))
+    modes = _modes(out)
+    assert modes and all(stat.S_ISREG(m) and stat.S_IMODE(m) == 0o644 for m in modes.values())
+    owners = {p.lstat().st_uid for p in out.rglob("*")}
+    assert owners == {os.geteuid()}
+
+
+def test_export_refuses_a_source_replaced_by_text(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from imgcluster.cli import cli
+    from imgcluster.export import read_left_out, read_manifest
+
+    ws, root = _labeled_export_workspace(tmp_path)
+    (root / "bags" / "img3.jpg").write_text("not an image at all\n")
+    out = tmp_path / "dataset"
+    result = CliRunner().invoke(cli, ["export", "--workspace", str(ws.path), str(out)])
+    assert result.exit_code == 0, result.output
+    assert "changed since ingest" in result.output
+    rows = read_manifest(out)
+    assert "bags/img3.jpg" not in {r["source"] for r in rows}
+    assert [r["reason"] for r in read_left_out(out) if r["source"] == "bags/img3.jpg"] == [
+        "changed since ingest"
+    ]
+    for row in rows:  # what is exported is exactly the ingested content
+        import hashlib
+
+        assert hashlib.sha256((out / row["path"]).read_bytes()).hexdigest() == row["sha256"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "symlink-out"])
+def test_export_refuses_special_files_without_hanging(tmp_path: Path, kind: str) -> None:
+    """A FIFO put where a labeled image was must not block the export (no writer ever comes);
+    a folder or a symlink to a file outside the collection is refused as well."""
+    from imgcluster.export import export_workspace, read_left_out
+
+    ws, root = _labeled_export_workspace(tmp_path)
+    victim = root / "shoes" / "img2.png"
+    victim.unlink()
+    if kind == "fifo":
+        os.mkfifo(victim)
+    elif kind == "folder":
+        victim.mkdir()
+    else:
+        secret = tmp_path / "secret.txt"
+        secret.write_text("root:x:0:0")
+        victim.symlink_to(secret)
+    result = export_workspace(ws, tmp_path / "out")
+    reasons = {r["source"]: r["reason"] for r in read_left_out(tmp_path / "out")}
+    expected = {"fifo": "not a regular file (a FIFO)", "folder": "not a regular file (a folder)"}
+    assert reasons["shoes/img2.png"] == expected.get(kind, "changed since ingest")
+    assert sum(result.left_out.values()) >= 1
+
+
+@pytest.mark.parametrize("change", ["one bit flipped", "truncated", "one byte appended", "swapped"])
+def test_export_refuses_any_change_to_the_bytes(tmp_path: Path, change: str) -> None:
+    """Content checks are by hash, so every change is caught, however small, in every mode."""
+    import hashlib
+
+    from imgcluster.export import ExportItem, export_items, read_left_out
+
+    src = tmp_path / "src"
+    src.mkdir()
+    paths = []
+    for i, color in enumerate((RED, GREEN, BLUE)):
+        paths.append(src / f"{i}.png")
+        paths[-1].write_bytes(encode(solid(color), "PNG"))
+    items = [ExportItem(p, p.name, "x", hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths]
+    data = bytearray(paths[0].read_bytes())
+    if change == "one bit flipped":
+        data[len(data) // 2] ^= 1
+    elif change == "truncated":
+        del data[-1]
+    elif change == "one byte appended":
+        data.append(0)
+    else:  # another valid image of the same size
+        data = bytearray(paths[1].read_bytes())
+    paths[0].write_bytes(bytes(data))
+    for mode in ("copy", "hardlink", "symlink"):
+        out = tmp_path / mode
+        result = export_items(items, out, mode=mode)
+        assert result.n_files == 2 and result.left_out == {"changed since ingest": 1}, mode
+        assert [r["source"] for r in read_left_out(out)] == ["0.png"]
+        assert not (out / "x" / "0.png").exists()

@@ -1,0 +1,350 @@
+"""How fast the app answers an annotator, measured in a real Chromium on a real `streamlit run`.
+
+For each size (default 1,000 and 10,000 images) a workspace is built through the library:
+synthetic JPEGs (small coloured photos-to-be, one hue family per class) ingested for real, with
+synthetic class-blob vectors stored as EfficientNet-Lite0 features (1280-d, so clustering and
+the map cost what they cost with real vectors), clustered at k = 20, labeling started. Then, in
+Chromium (1440x1000), the median and worst of:
+
+- click-to-selected in the Label page's grid: from the pointer going down on a photo to the
+  photo drawn as selected (in-page clock); and whether any script rerun happened (there must
+  be none: the selection lives in the browser);
+- move 3 images: from the click on "Move" to the grid showing the label without them;
+- switch label: from picking another label in the chooser to its grid on screen;
+- open the Clusters page from the sidebar (the first, cold open separately);
+- k change on the Clusters page: from Enter in the k box to the page showing k labels.
+
+The UMAP worker is off (``IMGCLUSTER_UMAP=0``) so it does not compete for the CPU during the
+measurements; the map is the PCA map.
+
+    .venv/bin/python bench/app_speed.py                 # 1k and 10k, 5 repeats each
+    .venv/bin/python bench/app_speed.py --sizes 1000 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+BACKBONE = "efficientnet-lite0"
+N_CLASSES = 20
+K = 20
+CHROMIUM = "/usr/bin/chromium"
+IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+
+
+# -- the workspace ----------------------------------------------------------------------------
+
+
+def make_images(folder: Path, n: int) -> list[int]:
+    """``n`` small JPEGs, one hue family per class, with noise so no two are the same file."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    classes = rng.integers(0, N_CLASSES, n)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, cls in enumerate(classes):
+        base = np.array(
+            [(cls * 37) % 256, (cls * 91 + 40) % 256, (cls * 53 + 80) % 256], dtype=np.int16
+        )
+        pixels = np.clip(base + rng.integers(-40, 40, (48, 64, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i:05d}.jpg", quality=80)
+    return classes.tolist()
+
+
+def build_workspace(home: Path, n: int) -> str:
+    from imgcluster import labels as lb
+    from imgcluster.clustering import cluster
+    from imgcluster.features import save_vectors
+    from imgcluster.images import ingest
+    from imgcluster.workspace import Workspace
+
+    name = f"speed{n}"
+    t0 = time.perf_counter()
+    classes = make_images(home / f"photos{n}", n)
+    ws = Workspace(home / "workspaces" / name, create=True)
+    ingest(ws, home / f"photos{n}")
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(N_CLASSES, 1280)).astype(np.float32)
+    images = ws.images()
+    by_name = {f"img{i:05d}.jpg": c for i, c in enumerate(classes)}
+    vectors = np.stack(
+        [
+            centres[by_name[im.relpath]] + rng.normal(size=1280).astype(np.float32) * 0.8
+            for im in images
+        ]
+    )
+    save_vectors(ws, BACKBONE, [im.sha256 for im in images], vectors)
+    lb.start_session(ws, cluster(ws, BACKBONE, K).id, actor="bench")
+    print(f"  built {name}: {len(images):,} images in {time.perf_counter() - t0:.0f} s", flush=True)
+    return name
+
+
+# -- the server -------------------------------------------------------------------------------
+
+
+def start_server(home: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "IMGCLUSTER_WORKSPACES": str(home / "workspaces"),
+        "IMGCLUSTER_UMAP": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = open(home / "server.log", "wb")  # noqa: SIM115 (lives as long as the server)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(PROJECT / "app.py"),
+         "--server.port", str(port), "--server.headless", "true"],
+        cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError("streamlit did not start")
+
+
+# -- measuring in the browser -----------------------------------------------------------------
+
+
+def idle(page, timeout: float = 300_000) -> None:
+    """Wait for the rerun an action started, then for it to end."""
+    # (playwright's TimeoutError: the rerun was over within 400 ms, or did not happen)
+    with contextlib.suppress(Exception):
+        page.wait_for_selector(
+            '[data-testid="stApp"][data-test-script-state="running"]', timeout=400
+        )
+    page.wait_for_selector(IDLE, timeout=timeout)
+
+
+def grid_ids(page) -> list[str]:
+    cells = page.locator(".icg .cell[data-id]")
+    return cells.evaluate_all("cs => cs.map(c => c.dataset.id)")
+
+
+def wait_grid(page, exclude: set[str] | None = None, differs: list[str] | None = None) -> None:
+    """Until the grid is on screen (without ``exclude``d ids; other than ``differs``)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            ids = grid_ids(page)
+        except Exception:  # the component is being re-mounted
+            ids = []
+        if ids and not (exclude and exclude & set(ids)) and ids != differs:
+            return
+        page.wait_for_timeout(20)
+    raise TimeoutError("grid did not update")
+
+
+def click_to_selected(page, index: int) -> tuple[float, bool]:
+    """ms from pointerdown on a cell to the cell drawn selected; and whether a rerun ran."""
+    cell = page.locator(".icg .cell[data-id]").nth(index)
+    cell.evaluate(
+        """cell => {
+            window.__sel = null; window.__reran = false;
+            const app = document.querySelector('[data-testid="stApp"]');
+            const watch = new MutationObserver(() => {
+                if (app.dataset.testScriptState === 'running') window.__reran = true; });
+            watch.observe(app, {attributes: true});
+            window.__watch = watch;
+            const was = cell.classList.contains('selected');
+            cell.addEventListener('pointerdown', () => {
+                const t0 = performance.now();
+                const seen = new MutationObserver(() => {
+                    if (cell.classList.contains('selected') !== was) {
+                        seen.disconnect();
+                        requestAnimationFrame(() => { window.__sel = performance.now() - t0; });
+                    }
+                });
+                seen.observe(cell, {attributes: true, attributeFilter: ['class']});
+            }, {once: true, capture: true});
+        }"""
+    )
+    cell.click()
+    page.wait_for_function("window.__sel !== null", timeout=10_000)
+    page.wait_for_timeout(300)  # a rerun, if one were triggered, would have started by now
+    ms, reran = page.evaluate("[window.__sel, window.__reran, window.__watch.disconnect()]")[:2]
+    return float(ms), bool(reran)
+
+
+def goto_label(page, url: str, name: str) -> None:
+    page.goto(f"{url}/label?ws={name}")
+    page.get_by_role("heading", name="Label", level=1).wait_for(timeout=300_000)
+    page.wait_for_selector(IDLE, timeout=300_000)
+    wait_grid(page)
+
+
+def measure(page, url: str, name: str, repeats: int) -> dict[str, list[float]]:
+    from imgcluster import labels as lb
+    from imgcluster.workspace import Workspace
+
+    ws = Workspace(Path(os.environ["BENCH_HOME"]) / "workspaces" / name)
+    out: dict[str, list[float]] = {k: [] for k in ("click", "move", "switch", "clusters", "k")}
+    reruns = 0
+    # Clusters page: the first (cold) open, from a fresh tab.
+    t0 = time.perf_counter()
+    page.goto(f"{url}/clusters?ws={name}")
+    page.get_by_role("heading", name="Clusters", level=1).wait_for(timeout=300_000)
+    page.wait_for_selector(IDLE, timeout=300_000)
+    page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=300_000)
+    cold = time.perf_counter() - t0
+    print(f"  Clusters page, first open: {cold:.2f} s", flush=True)
+
+    # k changes first, while nobody has edited the labels (then a k change re-clusters at once)
+    box = page.locator(".st-key-view_k_input input")
+    for r in range(repeats):
+        k = K + 1 + r
+        box.fill(str(k))
+        t0 = time.perf_counter()
+        box.press("Enter")
+        idle(page)
+        page.get_by_text(f"· {k} labels").first.wait_for(timeout=300_000)
+        out["k"].append(time.perf_counter() - t0)
+        print(f"  k -> {k}: {out['k'][-1]:.2f} s", flush=True)
+        start_over = page.get_by_role("button", name=f"Start over with k = {k}")
+        if start_over.count():
+            raise RuntimeError("k change asked for confirmation: measure on unedited labels")
+    goto_label(page, url, name)
+    for r in range(repeats):
+        # click-to-selected (then clear, so each round starts from nothing selected)
+        for i in range(3):
+            ms, reran = click_to_selected(page, r * 3 + i)
+            out["click"].append(ms)
+            reruns += reran
+        page.keyboard.press("Escape")
+        # move 3 images to the next label
+        cells = page.locator(".icg .cell[data-id]")
+        ids = {cells.nth(i).get_attribute("data-id") for i in range(3)}
+        for i in range(3):
+            cells.nth(i).click()
+        options = page.locator('.icg select[aria-label="Move to label"] option')
+        page.locator('.icg select[aria-label="Move to label"]').select_option(
+            index=(r + 1) % max(1, options.count() - 1)
+        )
+        t0 = time.perf_counter()
+        page.locator(".icg [data-act=move]").click()
+        idle(page)
+        wait_grid(page, exclude=ids)
+        out["move"].append(time.perf_counter() - t0)
+        print(f"  move 3: {out['move'][-1]:.2f} s", flush=True)
+        # switch label
+        labels = [s.name for s in lb.list_labels(ws)]
+        target = labels[(r * 7 + 3) % len(labels)]
+        before = grid_ids(page)
+        box = page.get_by_role("combobox", name="Label", exact=True)
+        box.click()
+        page.keyboard.type(target)
+        t0 = time.perf_counter()
+        page.keyboard.press("Enter")
+        idle(page)
+        wait_grid(page, differs=before)
+        out["switch"].append(time.perf_counter() - t0)
+        print(f"  switch: {out['switch'][-1]:.2f} s", flush=True)
+    # The Clusters page from the sidebar (warm caches).
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        page.get_by_test_id("stSidebarNav").get_by_role("link", name="Clusters").click()
+        page.get_by_role("heading", name="Clusters", level=1).wait_for()
+        idle(page)
+        page.locator('[data-testid="stPlotlyChart"]').first.wait_for()
+        out["clusters"].append(time.perf_counter() - t0)
+        page.get_by_test_id("stSidebarNav").get_by_role("link", name="Label").click()
+        page.get_by_role("heading", name="Label", level=1).wait_for()
+        idle(page)
+    out["clusters_cold"] = [cold]
+    out["reruns_on_click"] = [float(reruns)]
+    return out
+
+
+def run_size(home: Path, n: int, repeats: int, page_factory) -> dict[str, list[float]]:
+    name = build_workspace(home, n)
+    proc, url = start_server(home)
+    try:
+        page = page_factory()
+        try:
+            return measure(page, url, name, repeats)
+        except Exception:
+            shot = home.parent / f"app_speed_failed_{n}.png"
+            page.screenshot(path=str(shot))
+            print(f"  failed; screenshot in {shot}, server log in {home / 'server.log'}")
+            raise
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def report(results: dict[int, dict[str, list[float]]]) -> str:
+    rows = [
+        ("click-to-selected (ms)", "click", 1.0, "< 50 ms"),
+        ("move 3 images (s)", "move", 1.0, "< 1 s at 1k, < 1.5 s at 10k"),
+        ("switch label (s)", "switch", 1.0, "< 1 s at 10k"),
+        ("open Clusters, warm (s)", "clusters", 1.0, "< 1.5 s at 10k"),
+        ("open Clusters, first (s)", "clusters_cold", 1.0, ""),
+        ("k change (s)", "k", 1.0, "< 1.5 s at 10k"),
+        ("reruns caused by clicks", "reruns_on_click", 1.0, "0"),
+    ]
+    sizes = sorted(results)
+    head = "| measure | " + " | ".join(f"{n:,} median / worst" for n in sizes) + " | target |"
+    lines = [head, "|---|" + "---:|" * len(sizes) + "---|"]
+    for title, key, scale, target in rows:
+        cells = []
+        for n in sizes:
+            values = [v * scale for v in results[n].get(key, [])]
+            if not values:
+                cells.append("-")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.2f}")
+            else:
+                cells.append(f"{statistics.median(values):.2f} / {max(values):.2f}")
+        lines.append(f"| {title} | " + " | ".join(cells) + f" | {target} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="app-speed-") as tmp, sync_playwright() as pw:
+        home = Path(tmp)
+        os.environ["BENCH_HOME"] = tmp
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+
+        def page_factory():
+            page = browser.new_context(viewport={"width": 1440, "height": 1000}).new_page()
+            page.set_default_timeout(120_000)
+            return page
+
+        for n in args.sizes:
+            print(f"{n:,} images", flush=True)
+            results[n] = run_size(home, n, args.repeats, page_factory)
+            print(report({n: results[n]}), flush=True)
+        browser.close()
+    print()
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,582 @@
+"""The vector spaces of a feature set: L2 vectors, PCA, UMAP; stored, cached, made in background.
+
+Clustering (`imgcluster.clustering`) and the 2-D map (`imgcluster.projection`) both start here,
+so neither imports the other. A space depends only on the feature set, never on k, so it is
+keyed by the feature set's identity (`imgcluster.features.feature_set_id`: one SQL query, no
+vectors loaded) and made once:
+
+* **instant spaces** (``l2``, ``pca``, ``pca-whiten``) are computed in process in well under a
+  second and memoised (`space_of`);
+* **UMAP spaces** cost umap's numba compilation on first use plus the fit, so they are made by
+  a background process (`imgcluster.space_worker.start_background`) and stored in the
+  workspace (table ``projections``, owned by this module, one ``.npz`` of coordinates and image
+  ids per space in ``runs/``): never recomputed for the same feature set, in this process or
+  another. Two are made: `REFINED`, the clustering space (10-d cosine UMAP of the L2 vectors,
+  ``min_dist=0``), and `MAP_UMAP`, the 2-D map. Until they are stored, PCA serves
+  (`best_preprocess`).
+
+numba compiles umap's functions on their first call in every process (~30-60 s); its on-disk
+cache lives under the project's cache folder (`imgcluster.settings.numba_cache_dir`), set as
+``NUMBA_CACHE_DIR`` before numba is imported, and `imgcluster.space_worker.warm_numba_cache`
+fills it in the background when the server starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sqlite3
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from imgcluster import settings
+from imgcluster.errors import InvalidParameter, NotEnoughImages
+from imgcluster.features import (
+    FeatureMatrix,
+    feature_set_id,
+    l2_normalize,
+    load_features,
+)
+from imgcluster.workspace import Workspace, atomic_write
+
+if TYPE_CHECKING:
+    from imgcluster.images import Progress
+
+__all__ = [
+    "DEFAULT_PREPROCESS",
+    "MAP_PCA",
+    "MAP_UMAP",
+    "PCA_COMPONENTS",
+    "PREPROCESSING",
+    "REFINED",
+    "StoredSpace",
+    "best_preprocess",
+    "compute_space",
+    "l2_normalize",
+    "load_space",
+    "pca_reduce",
+    "preprocess_vectors",
+    "resolve_preprocess",
+    "single_thread",
+    "space_of",
+    "umap_embed",
+]
+
+#: Ways to turn the stored (L2-normalised) vectors into the space KMeans runs in.
+#: ``l2``: the vectors as stored. ``pca``: PCA to `PCA_COMPONENTS` dims (keeps Euclidean
+#: geometry, several times faster). ``pca-whiten``: PCA with whitened components, L2-normalised
+#: again. ``umap``: the refined space, `REFINED_COMPONENTS`-d cosine UMAP (stored, made in the
+#: background).
+PREPROCESSING = ("l2", "pca", "pca-whiten", "umap")
+
+#: The space that is always there at once (the refined one replaces it when stored).
+DEFAULT_PREPROCESS = "pca"
+
+#: The refined clustering space's preprocessing name and its stored method name.
+REFINED_PREPROCESS = "umap"
+REFINED = "refined-umap"
+#: Stored method names of the 2-D maps.
+MAP_UMAP = "umap"
+MAP_PCA = "pca"
+#: The UMAP spaces the background worker makes, in that order (clusters first: they can move
+#: to the refined space before labeling starts; the PCA map stands in for the 2-D one).
+BACKGROUND_METHODS = (REFINED, MAP_UMAP)
+
+PCA_COMPONENTS = 64
+
+#: The refined space (bench/README.md, "Spaces"): 10-d cosine UMAP, 30 neighbours, min_dist 0,
+#: 200 epochs. On the clothing photos 15 or 50 neighbours, 5 or 20 dims, min_dist 0.1 and
+#: umap's default 500 epochs (below 10k points) all scored within 0.005 NMI (one standard
+#: deviation over 10 seeds); 200 epochs costs less than half the layout time of 500.
+REFINED_COMPONENTS = 10
+REFINED_N_NEIGHBORS = 30
+REFINED_MIN_DIST = 0.0
+REFINED_N_EPOCHS = 200
+
+#: The 2-D map.
+MAP_N_NEIGHBORS = 15
+MAP_MIN_DIST = 0.1
+
+#: For big sets UMAP starts from a PCA reduction to `UMAP_PCA_DIMS` (then Euclidean, which on
+#: the centred reduction of unit vectors stands in for cosine): neighbour search in 1280 dims
+#: dominates otherwise.
+UMAP_PCA_DIMS = 50
+UMAP_PCA_MIN_N = 5_000
+#: Above this many points UMAP is fitted on a seeded sample of this size and the rest is
+#: placed by ``transform`` (bench/README.md: quality and time of both at 100k).
+UMAP_FIT_SAMPLE = 50_000
+
+#: Below this many images UMAP has too few neighbours to mean anything.
+UMAP_MIN_N = 8
+
+#: The random state of every stored space: one space per feature set, whatever the run's seed.
+SPACE_RANDOM_STATE = 0
+
+
+# -- array maths ------------------------------------------------------------------------------
+
+
+def single_thread() -> Any:
+    """Run scikit-learn's OpenMP/BLAS code on one thread.
+
+    Measured on 2 shared cores (bench/README.md): under load, threads spin-wait on each other;
+    a k=2..15 KMeans sweep on 600 images took 11-15 s instead of 0.4 s, PCA of 100k vectors
+    23-26 s instead of 8-10 s; one thread was as fast or faster at every size tried. The app's
+    server and the UMAP worker always share the machine with the clustering.
+    """
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1)
+
+
+def pca_reduce(
+    vectors: np.ndarray, n_components: int, *, whiten: bool = False, random_state: int = 0
+) -> np.ndarray:
+    """PCA to at most ``n_components`` dims (fewer when there are fewer points)."""
+    from sklearn.decomposition import PCA
+
+    x = np.asarray(vectors, dtype=np.float32)
+    n_components = max(1, min(n_components, len(x) - 1, x.shape[1]))
+    solver = "full" if len(x) <= 2_000 else "randomized"
+    pca = PCA(n_components, whiten=whiten, svd_solver=solver, random_state=random_state)
+    with single_thread():
+        return pca.fit_transform(x).astype(np.float32)
+
+
+def pca_2d(vectors: np.ndarray, *, random_state: int = 0) -> np.ndarray:
+    """The instant map: the two leading principal components."""
+    x = l2_normalize(vectors)
+    if len(x) < 3:
+        return np.zeros((len(x), 2), np.float32)
+    coords = pca_reduce(x, 2, random_state=random_state)
+    if coords.shape[1] < 2:
+        coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
+    return coords
+
+
+def _configure_numba_cache() -> None:
+    """Point numba's on-disk cache at the project's cache folder (before numba is imported;
+    if it already is, its config is updated in place)."""
+    folder = settings.numba_cache_dir()
+    with contextlib.suppress(OSError):
+        folder.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(folder))
+    numba_config = sys.modules.get("numba.core.config")
+    if numba_config is not None and not getattr(numba_config, "CACHE_DIR", ""):
+        numba_config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+
+
+def _import_umap() -> Any:
+    _configure_numba_cache()
+    # umap imports TensorFlow for ParametricUMAP if it can: ~2 s and ~500 MB never used here.
+    # A None entry in sys.modules makes that import fail, which umap handles.
+    blocked = "tensorflow" not in sys.modules
+    if blocked:
+        sys.modules["tensorflow"] = None  # type: ignore[assignment]
+    try:
+        with _numba_caching():
+            import umap
+    finally:
+        if blocked and sys.modules.get("tensorflow", 0) is None:
+            del sys.modules["tensorflow"]
+    return umap
+
+
+@contextlib.contextmanager
+def _numba_caching() -> Any:
+    """While umap is imported, numba's ``njit``/``jit`` default to ``cache=True``.
+
+    pynndescent caches its compiled code on disk, umap (0.5) does not: without this, every
+    fresh process recompiles umap's layout and graph code (bench/README.md: ~10 s of the first
+    call with a warm pynndescent cache). Functions numba cannot cache are compiled as before.
+    """
+    import numba
+
+    originals = numba.njit, numba.jit
+
+    def with_cache(decorator: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("cache", True)
+            return decorator(*args, **kwargs)
+
+        return wrapped
+
+    numba.njit, numba.jit = with_cache(originals[0]), with_cache(originals[1])
+    try:
+        yield
+    finally:
+        numba.njit, numba.jit = originals
+
+
+class _TqdmSink:
+    """A file for umap's tqdm bar that turns ``n/total`` updates into a progress callback."""
+
+    _pattern = re.compile(r"(\d+)/(\d+)")
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+
+    def write(self, text: str) -> int:
+        for done, total in self._pattern.findall(text):
+            self._progress(int(done), int(total))
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+
+def umap_embed(
+    vectors: np.ndarray,
+    n_components: int = 2,
+    *,
+    random_state: int = 0,
+    n_neighbors: int = MAP_N_NEIGHBORS,
+    min_dist: float = MAP_MIN_DIST,
+    n_epochs: int | None = None,
+    fit_sample: int | None = UMAP_FIT_SAMPLE,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """Seeded cosine UMAP of L2-normalised vectors; float32 ``(n, n_components)``.
+
+    Big sets are reduced by PCA first (`UMAP_PCA_MIN_N`), and above ``fit_sample`` points UMAP
+    is fitted on a seeded sample and the others are placed by ``transform``. A fixed
+    ``random_state`` makes umap single-threaded but reproducible. ``progress`` gets
+    ``(epochs done, epochs)`` of the fit.
+    """
+    import warnings
+
+    x = l2_normalize(vectors)
+    metric = "cosine"
+    if len(x) >= UMAP_PCA_MIN_N and x.shape[1] > UMAP_PCA_DIMS:
+        x = pca_reduce(x, UMAP_PCA_DIMS, random_state=random_state)
+        metric = "euclidean"
+    umap = _import_umap()
+    tqdm_kwds = None
+    if progress is not None:
+        tqdm_kwds = {"file": _TqdmSink(progress), "disable": False, "mininterval": 0.5}
+        tqdm_kwds["bar_format"] = "{n}/{total}\n"
+    sample = None
+    if fit_sample is not None and len(x) > fit_sample:
+        rng = np.random.default_rng(random_state)
+        sample = np.sort(rng.choice(len(x), fit_sample, replace=False))
+    fit_x = x if sample is None else x[sample]
+    model = umap.UMAP(
+        n_components=n_components,
+        n_neighbors=max(2, min(n_neighbors, len(fit_x) - 1)),
+        min_dist=min_dist,
+        metric=metric,
+        n_epochs=n_epochs,
+        random_state=random_state,
+        init="spectral" if len(fit_x) > n_components + 1 else "random",
+        tqdm_kwds=tqdm_kwds,
+    )
+    with warnings.catch_warnings():
+        # "n_jobs value 1 overridden to 1 by setting random_state": determinism is the point.
+        warnings.filterwarnings("ignore", message=".*random_state.*", category=UserWarning)
+        fitted = model.fit_transform(fit_x).astype(np.float32)
+        if sample is None:
+            return fitted
+        out = np.empty((len(x), n_components), np.float32)
+        rest = np.setdiff1d(np.arange(len(x)), sample)
+        out[sample] = fitted
+        out[rest] = model.transform(x[rest]).astype(np.float32)
+        return out
+
+
+def preprocess_vectors(
+    vectors: np.ndarray, preprocess: str, *, random_state: int = 0
+) -> np.ndarray:
+    """Map vectors into the clustering space named by ``preprocess`` (blocking, not stored).
+
+    Parameters
+    ----------
+    vectors : ndarray of shape (n, d)
+        Feature vectors (normalised here again, so raw vectors are fine too).
+    preprocess : {"l2", "pca", "pca-whiten", "umap"}
+        See `PREPROCESSING`.
+    random_state : int, default=0
+        Random state of randomized PCA and UMAP.
+
+    Returns
+    -------
+    ndarray of shape (n, d')
+        float32 points to cluster.
+    """
+    if preprocess not in PREPROCESSING:
+        raise InvalidParameter(f"preprocess={preprocess!r} should be one of {PREPROCESSING}")
+    x = l2_normalize(vectors)
+    if preprocess == "l2":
+        return x
+    if preprocess in ("pca", "pca-whiten"):
+        whiten = preprocess == "pca-whiten"
+        reduced = pca_reduce(x, PCA_COMPONENTS, whiten=whiten, random_state=random_state)
+        return l2_normalize(reduced) if whiten else reduced
+    return umap_embed(
+        x,
+        REFINED_COMPONENTS,
+        random_state=random_state,
+        n_neighbors=REFINED_N_NEIGHBORS,
+        min_dist=REFINED_MIN_DIST,
+        n_epochs=REFINED_N_EPOCHS,
+    )
+
+
+# -- the feature set's identity and the in-process cache ---------------------------------------
+
+
+def feature_set(workspace: Workspace, backbone: str) -> str:
+    """`imgcluster.features.feature_set_id` of the workspace's ``backbone`` vectors."""
+    with workspace.read() as conn:
+        return feature_set_id(conn, backbone)
+
+
+class _SpaceCache:
+    """Recently used spaces, so a k change does not redo PCA or reread UMAP (thread-safe)."""
+
+    def __init__(self, size: int = 4) -> None:
+        self._size = size
+        self._items: OrderedDict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(
+        self, key: tuple[str, ...], make: Callable[[], tuple[np.ndarray, np.ndarray]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = make()
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return value
+
+
+_cache = _SpaceCache()
+
+
+def space_of(
+    workspace: Workspace,
+    backbone: str,
+    preprocess: str,
+    *,
+    features: FeatureMatrix | None = None,
+    feature_set_key: str | None = None,
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image ids and their points in the ``preprocess`` space of the current feature set.
+
+    Memoised per (database, feature set, preprocess); the refined space (``"umap"``) is read
+    from the workspace when stored and computed (blocking, with ``progress``) and stored when
+    not. ``l2`` is not memoised: one pass over the vectors, and full-width copies of a big set
+    would hold gigabytes. Pass ``features`` when the caller has loaded them already.
+    """
+    if preprocess not in PREPROCESSING:
+        raise InvalidParameter(f"preprocess={preprocess!r} should be one of {PREPROCESSING}")
+    fsid = feature_set_key or feature_set(workspace, backbone)
+
+    def loaded() -> FeatureMatrix:
+        return features if features is not None else load_features(workspace, backbone)
+
+    if preprocess == "l2":
+        matrix = loaded()
+        return matrix.image_ids, l2_normalize(matrix.vectors)
+
+    def make() -> tuple[np.ndarray, np.ndarray]:
+        if preprocess == REFINED_PREPROCESS:
+            stored = compute_space(workspace, backbone, REFINED, progress=progress, fsid=fsid)
+            return stored.image_ids, stored.coords
+        matrix = loaded()
+        space = preprocess_vectors(matrix.vectors, preprocess, random_state=SPACE_RANDOM_STATE)
+        return matrix.image_ids, space
+
+    return _cache.get((str(workspace.db_path), backbone, fsid, preprocess), make)
+
+
+# -- stored spaces ----------------------------------------------------------------------------
+
+
+class StoredSpace(NamedTuple):
+    """Coordinates of one stored space, rows aligned with ``image_ids`` (`load_features` order)."""
+
+    coords: np.ndarray  # float32 (n, d)
+    image_ids: np.ndarray  # int64 (n,)
+    method: str
+    params: dict[str, Any]
+
+
+METHODS = (REFINED, MAP_UMAP, MAP_PCA)
+
+
+def _stored_file(
+    conn: sqlite3.Connection, workspace: Workspace, backbone: str, method: str, fsid: str
+) -> tuple[Path, dict[str, Any]] | None:
+    row = conn.execute(
+        "SELECT file, params FROM projections WHERE backbone = ? AND method = ? "
+        "AND fingerprint = ?",
+        (backbone, method, fsid),
+    ).fetchone()
+    if row is None:
+        return None
+    path = workspace.path / row[0]
+    return (path, json.loads(row[1] or "{}")) if path.exists() else None
+
+
+def is_stored(workspace: Workspace, backbone: str, method: str, fsid: str | None = None) -> bool:
+    """Whether ``method``'s space of the current feature set is stored (no vectors read)."""
+    with workspace.read() as conn:
+        key = fsid or feature_set_id(conn, backbone)
+        return _stored_file(conn, workspace, backbone, method, key) is not None
+
+
+def load_space(
+    workspace: Workspace, backbone: str, method: str, fsid: str | None = None
+) -> StoredSpace | None:
+    """The stored ``method`` space of the current feature set, or None (nothing computed)."""
+    if method not in METHODS:
+        raise InvalidParameter(f"method={method!r} should be one of {METHODS}")
+    with workspace.read() as conn:
+        key = fsid or feature_set_id(conn, backbone)
+        found = _stored_file(conn, workspace, backbone, method, key)
+    if found is None:
+        return None
+    path, params = found
+    with np.load(path) as data:
+        return StoredSpace(data["coords"], data["image_ids"], method, params)
+
+
+def _store(
+    workspace: Workspace,
+    backbone: str,
+    method: str,
+    fsid: str,
+    space: StoredSpace,
+    seconds: float,
+) -> None:
+    relfile = f"runs/space-{backbone}-{method}-{fsid}.npz"
+
+    def write(fh: Any) -> None:
+        np.savez(fh, coords=space.coords.astype(np.float32), image_ids=space.image_ids)
+
+    atomic_write(workspace.path / relfile, write)
+    # Derived data every reader would compute alike: no revision bump (caches stay valid).
+    with workspace.transaction(bump_revision=False) as conn:
+        conn.execute(
+            "INSERT INTO projections(backbone, method, fingerprint, params, file, seconds) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(backbone, method, fingerprint) DO UPDATE "
+            "SET params = excluded.params, file = excluded.file, seconds = excluded.seconds",
+            (backbone, method, fsid, json.dumps(space.params), relfile, seconds),
+        )
+
+
+def _make(method: str, features: FeatureMatrix, progress: Progress | None) -> StoredSpace:
+    x = features.vectors
+    rs = SPACE_RANDOM_STATE
+    if method == MAP_PCA or (method == MAP_UMAP and len(x) < UMAP_MIN_N):
+        return StoredSpace(pca_2d(x, random_state=rs), features.image_ids, method, {})
+    if method == REFINED and len(x) < UMAP_MIN_N:
+        coords = preprocess_vectors(x, DEFAULT_PREPROCESS, random_state=rs)
+        return StoredSpace(coords, features.image_ids, method, {"fallback": DEFAULT_PREPROCESS})
+    dims, n_neighbors, min_dist, n_epochs = (
+        (REFINED_COMPONENTS, REFINED_N_NEIGHBORS, REFINED_MIN_DIST, REFINED_N_EPOCHS)
+        if method == REFINED
+        else (2, MAP_N_NEIGHBORS, MAP_MIN_DIST, None)
+    )
+    coords = umap_embed(
+        x,
+        dims,
+        random_state=rs,
+        n_neighbors=n_neighbors,
+        min_dist=min_dist,
+        n_epochs=n_epochs,
+        progress=progress,
+    )
+    params = {
+        "random_state": rs,
+        "n_components": dims,
+        "n_neighbors": n_neighbors,
+        "min_dist": min_dist,
+        "n_epochs": n_epochs,
+        "pca_dims": UMAP_PCA_DIMS if len(x) >= UMAP_PCA_MIN_N else None,
+        "fit_sample": UMAP_FIT_SAMPLE if len(x) > UMAP_FIT_SAMPLE else None,
+    }
+    return StoredSpace(coords, features.image_ids, method, params)
+
+
+def compute_space(
+    workspace: Workspace,
+    backbone: str,
+    method: str,
+    *,
+    progress: Progress | None = None,
+    fsid: str | None = None,
+) -> StoredSpace:
+    """Load, or compute (blocking) and store, ``method``'s space of the current feature set.
+
+    What the background worker and the CLI run; the app calls `start_background` instead.
+    A space already stored (by any process) is returned as it is, never recomputed.
+    """
+    key = fsid or feature_set(workspace, backbone)
+    stored = load_space(workspace, backbone, method, key)
+    if stored is not None:
+        return stored
+    features = load_features(workspace, backbone)
+    if not len(features):
+        raise NotEnoughImages(
+            f"no image has {backbone} features in {workspace.path}; run `imgcluster extract` first"
+        )
+    start = time.perf_counter()
+    space = _make(method, features, progress)
+    _store(workspace, backbone, method, key, space, time.perf_counter() - start)
+    return space
+
+
+def best_preprocess(workspace: Workspace, backbone: str) -> str:
+    """The space `imgcluster.clustering.cluster` uses by default: ``"umap"`` once the refined
+    space of the current feature set is stored, `DEFAULT_PREPROCESS` until then."""
+    return REFINED_PREPROCESS if is_stored(workspace, backbone, REFINED) else DEFAULT_PREPROCESS
+
+
+def resolve_preprocess(workspace: Workspace, backbone: str, preprocess: str | None) -> str:
+    """``preprocess`` checked, or (None) the `best_preprocess` of the current feature set."""
+    if preprocess is None:
+        return best_preprocess(workspace, backbone)
+    if preprocess not in PREPROCESSING:
+        raise InvalidParameter(f"preprocess={preprocess!r} should be one of {PREPROCESSING}")
+    return preprocess
+
+
+#: Names that moved to `imgcluster.space_worker` (the process side), still importable from here.
+_MOVED = frozenset(
+    {
+        "SpaceJob",
+        "SpaceStatus",
+        "space_status",
+        "start_background",
+        "warm_numba_cache",
+        "_progress_writer",
+        "_read_progress",
+        "_worker",
+        "_warm",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy (PEP 562): space_worker imports this module, so importing it back at module level
+    # would make an import circle.
+    if name in _MOVED:
+        from imgcluster import space_worker
+
+        return getattr(space_worker, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,214 @@
+"""The Clusters page in a real Chromium against a real `streamlit run app.py` (issue 12).
+
+Bugs 5 and 6 of issue 12 and the "clusters you can read at a glance" features, each on its own
+workspace built through the library (the sample photos with class-blob vectors), opened by URL.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from imgcluster import labels as lb
+from tests.browser._helpers_clusters import (
+    labeled_workspace,
+    open_page,
+    plotly_traces,
+    settle,
+)
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def _k_box(page):
+    return page.locator(".st-key-view_k_input input")
+
+
+def _set_k(page, k: int) -> None:
+    box = _k_box(page)
+    box.fill(str(k))
+    box.press("Enter")
+    settle(page)
+
+
+def test_bug5_start_over_warning_goes_after_add_clusters_and_asks_before_discarding(
+    browser_page, app_server
+):
+    """Issue 12 bug 5: after "Add N clusters" succeeded the "Start over" warning and its
+    primary button stayed, one click from discarding the work."""
+    page = browser_page
+    ws = labeled_workspace(app_server["workspaces"], "bug5", k=8)
+    lb.rename(ws, "cluster_00", "tops", actor="ana")
+    open_page(page, app_server, "clusters", "bug5")
+    page.get_by_role("heading", name="Clusters", level=1).wait_for()
+    _set_k(page, 10)
+    page.get_by_role("button", name="Start over with k = 10").wait_for()
+    page.get_by_role("button", name="Add 2 clusters from unconfirmed images").click()
+    settle(page)
+    assert lb.history(ws, limit=1)[0].op == "recluster"
+    n_labels = len(lb.list_labels(ws))
+    assert page.get_by_role("button", name="Start over with k = 10").count() == 0
+    assert page.get_by_text("Starting over with k = 10").count() == 0
+    assert page.get_by_text("would discard").count() == 0
+
+    # A start-over asks first, naming what is lost; cancelling keeps everything.
+    _set_k(page, 12)
+    restart = page.get_by_role("button", name="Start over with k = 12")
+    # Destructive buttons are never primary.
+    assert restart.get_attribute("data-testid") != "stBaseButton-primary"
+    restart.click()
+    settle(page)
+    page.get_by_text(f"This discards {n_labels} labels").wait_for()
+    page.get_by_role("button", name="Cancel").click()
+    settle(page)
+    assert "tops" in {s.name for s in lb.list_labels(ws)}
+    assert page.get_by_text("This discards").count() == 0
+
+
+def test_bug6_empty_labels_are_hidden_and_can_be_deleted(browser_page, app_server):
+    """Issue 12 bug 6: "cluster_04 — 0 images" lingered in the bar chart."""
+    page = browser_page
+    ws = labeled_workspace(app_server["workspaces"], "bug6", k=10)
+    labels = lb.list_labels(ws)
+    emptied = labels[3]
+    members = [r.image_id for r in lb.current_labels(ws) if r.label == emptied.name]
+    lb.move(ws, members, labels[0].name, actor="ana")
+    open_page(page, app_server, "clusters", "bug6")
+    page.get_by_text("Images per label").first.wait_for()
+    bars = plotly_traces(page, "Images per label")
+    assert bars is not None
+    assert emptied.name not in bars[0]["y"]
+    assert 0 not in bars[0]["x"]
+    page.get_by_role("button", name="Delete 1 empty label").click()
+    settle(page)
+    assert emptied.name not in {s.name for s in lb.list_labels(ws, include_empty=True)}
+    assert page.get_by_role("button", name="Delete 1 empty label").count() == 0
+
+
+def test_strips_show_every_cluster_and_open_it_on_the_label_page(browser_page, app_server):
+    page = browser_page
+    ws = labeled_workspace(app_server["workspaces"], "strips", k=10)
+    labels = {s.name: s for s in lb.list_labels(ws)}
+    open_page(page, app_server, "clusters", "strips")
+    page.get_by_text("Clusters at a glance").wait_for()
+    buttons = page.locator('[class*="st-key-clusters_open_"] [data-testid="stButton"]')
+    assert buttons.count() == len(labels)
+    texts = [buttons.nth(i).inner_text() for i in range(buttons.count())]
+    sizes = [int(t.split(" · ")[1].split()[0]) for t in texts]
+    assert sizes == sorted(sizes, reverse=True)  # by size, the default
+    assert all(t.split(" · ")[0].strip() in labels for t in texts)
+    assert page.locator('[class*="st-key-clusters_strip_"] img').count() == len(labels)
+    # Sort by name.
+    page.get_by_role("radio", name="Name", exact=True).click()
+    settle(page)
+    names = [buttons.nth(i).inner_text().split(" · ")[0].strip() for i in range(len(labels))]
+    assert names == sorted(names, key=str.lower)
+    # A click on a strip opens that label on the Label page, at its first page.
+    target = labels[names[3]]
+    buttons.nth(3).click()
+    settle(page)
+    page.get_by_role("heading", name="Label", level=1).wait_for()
+    query = parse_qs(urlparse(page.url).query)
+    assert query["label"] == [target.name] and query.get("page", ["1"]) == ["1"]
+    page.get_by_test_id("stMain").get_by_text(target.name).first.wait_for()
+
+
+def test_map_names_clusters_keeps_labels_apart_and_has_a_robust_range(browser_page, app_server):
+    import numpy as np
+
+    page = browser_page
+    ws = labeled_workspace(app_server["workspaces"], "map", k=24)
+    open_page(page, app_server, "clusters", "map")
+    page.get_by_text("map of 120 images").first.wait_for()
+    traces = plotly_traces(page, "map of 120 images")
+    points = [t for t in traces if t["mode"] == "markers"]
+    assert len(points) == 24
+    looks = {(t["color"], t["symbol"]) for t in points}
+    assert len(looks) == 24  # colours repeat past 20 labels, symbols then differ
+    names = next(t for t in traces if t["mode"] == "text")
+    assert sorted(names["text"]) == sorted(s.name for s in lb.list_labels(ws))
+    # An explicit range from the central points (not autorange over every outlier), which
+    # still holds nearly all of them.
+    ranges = page.evaluate(
+        """() => { for (const gd of document.querySelectorAll('.js-plotly-plot')) {
+            const t = (gd.layout.title && gd.layout.title.text) || '';
+            if (t.includes('map of')) return [gd.layout.xaxis.range, gd.layout.yaxis.range]; } }"""
+    )
+    assert ranges[0] and ranges[1]
+    xs = np.concatenate([t["x"] for t in points])
+    ys = np.concatenate([t["y"] for t in points])
+    inside = (
+        (xs >= ranges[0][0]) & (xs <= ranges[0][1]) & (ys >= ranges[1][0]) & (ys <= ranges[1][1])
+    )
+    assert inside.mean() >= 0.95
+
+
+def test_k_control_offers_2_to_half_the_images(browser_page, app_server):
+    page = browser_page
+    labeled_workspace(app_server["workspaces"], "kctl", k=8)
+    open_page(page, app_server, "clusters", "kctl")
+    slider = page.locator('input[type="range"]').first
+    slider.wait_for()
+    assert slider.get_attribute("min") == "2"
+    assert slider.get_attribute("max") == "60"  # 120 images / 2
+    assert slider.get_attribute("value") == "8"
+    assert _k_box(page).input_value() == "8"
+
+
+def test_hovering_a_point_on_the_map_shows_its_photo(browser_page, app_server):
+    page = browser_page
+    labeled_workspace(app_server["workspaces"], "hover", k=8)
+    open_page(page, app_server, "clusters", "hover")
+    page.get_by_text("map of 120 images").first.wait_for()
+    page.wait_for_timeout(1500)  # the hover component attaches to the drawn map
+    point = page.evaluate(
+        """() => {
+            const gd = [...document.querySelectorAll('.js-plotly-plot')]
+                .find(g => (g.layout.title.text || '').includes('map of'));
+            const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+            const r = gd.getBoundingClientRect();
+            for (const t of gd._fullData) {
+                if (t.mode !== 'markers') continue;
+                for (let i = 0; i < t.x.length; i++) {
+                    const y = r.top + ya._offset + ya.l2p(t.y[i]);
+                    if (y > 100 && y < 900) return [r.left + xa._offset + xa.l2p(t.x[i]), y];
+                }
+            }
+        }"""
+    )
+    page.mouse.move(point[0], point[1])
+    tip = page.locator("#icmap-tip")
+    tip.wait_for(state="visible")
+    assert "/media/" in tip.evaluate("t => t.style.backgroundImage")
+    page.mouse.move(5, 5)
+    tip.wait_for(state="hidden")
+
+
+def test_a_suggested_name_is_accepted_in_one_click(browser_page, app_server):
+    """Issue 13 §5: names from the real network's ImageNet head, shown beside cluster_NN."""
+    from imgcluster.clustering import cluster
+    from imgcluster.features import extract
+    from imgcluster.images import ingest
+    from imgcluster.workspace import Workspace
+    from tests.conftest import SAMPLE_DATA
+
+    page = browser_page
+    ws = Workspace(app_server["workspaces"] / "names", create=True)
+    ingest(ws, SAMPLE_DATA / "images")
+    extract(ws)  # real EfficientNet-Lite0: vectors and class probabilities
+    lb.start_session(ws, cluster(ws, "efficientnet-lite0", 10).id, actor="fixture")
+    open_page(page, app_server, "clusters", "names")
+    button = page.locator('[class*="st-key-clusters_accept_"] [data-testid="stButton"]').first
+    button.wait_for()
+    label_id = int(
+        button.evaluate(
+            "b => b.closest('[class*=st-key-clusters_accept_]').className"
+            ".match(/st-key-clusters_accept_(\\d+)/)[1]"
+        )
+    )
+    suggestion = button.inner_text().split("“", 1)[1].rsplit("”", 1)[0]
+    button.click()
+    settle(page)
+    renamed = {s.id: s.name for s in lb.list_labels(ws)}[label_id]
+    assert renamed == suggestion and not renamed.startswith("cluster_")

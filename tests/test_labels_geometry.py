@@ -1,0 +1,168 @@
+"""Derived geometry in its own table, kept current by the operations that move images.
+
+Issue 11 §3: reads never write; a rename touches no geometry; a move refreshes it
+incrementally, and the incremental result is exactly what a recomputation from scratch gives.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from imgcluster import labels as L
+from imgcluster.labels import geometry
+from imgcluster.workspace import Workspace
+from tests.test_labels import template, ws  # noqa: F401  (fixtures)
+
+
+def _table(workspace: Workspace) -> dict[int, tuple]:
+    with workspace.read() as conn:
+        sid = conn.execute("SELECT id FROM label_sessions WHERE active = 1").fetchone()[0]
+        return {
+            r[0]: (r[1], *(None if v is None else round(v, 4) for v in r[2:5]), r[5], r[6])
+            for r in conn.execute(
+                "SELECT image_id, label_id, distance, margin, silhouette, poor_fit, alt_label_id "
+                "FROM label_geometry WHERE session_id = ?",
+                (sid,),
+            )
+        }
+
+
+def _token(workspace: Workspace) -> str:
+    with workspace.read() as conn:
+        return conn.execute(
+            "SELECT geometry_token FROM label_sessions WHERE active = 1"
+        ).fetchone()[0]
+
+
+def _reads(workspace: Workspace) -> None:
+    for summary in L.list_labels(workspace):
+        L.label_images(workspace, summary.id, limit=10)
+        L.label_images(workspace, summary.id, order="misfit", limit=10)
+    L.misplaced(workspace)
+    L.progress(workspace)
+    L.current_labels(workspace)
+
+
+def test_reads_never_write(ws: Workspace) -> None:  # noqa: F811
+    watcher = ws.connect()  # data_version moves when another connection commits
+    try:
+        before = watcher.execute("PRAGMA data_version").fetchone()[0]
+        revision = ws.revision
+        _reads(ws)
+        geometry._CACHE.clear()  # a cold process reads the same way
+        _reads(ws)
+        assert watcher.execute("PRAGMA data_version").fetchone()[0] == before
+        assert ws.revision == revision
+        L.move(ws, [1], "cluster_03", actor="alice")  # the watcher does see a write
+        assert watcher.execute("PRAGMA data_version").fetchone()[0] != before
+    finally:
+        watcher.close()
+
+
+def test_a_rename_or_confirm_touches_no_geometry(ws: Workspace) -> None:  # noqa: F811
+    table, token = _table(ws), _token(ws)
+    assert len(table) == 180 and token
+    L.rename(ws, "cluster_00", "shoes", actor="alice")
+    L.confirm(ws, "cluster_01", actor="alice")
+    assert _token(ws) == token and _table(ws) == table
+    L.move(ws, [1], "cluster_02", actor="alice")
+    assert _token(ws) != token
+
+
+def test_incremental_refresh_equals_a_full_recomputation(ws: Workspace) -> None:  # noqa: F811
+    rng = random.Random(4)
+    ids = [im.id for im in ws.images()]
+    for step in range(25):
+        labels = L.list_labels(ws)
+        choice = step % 5
+        if choice == 0:
+            L.move(ws, rng.sample(ids, rng.randint(1, 12)), rng.choice(labels).id, actor="a")
+        elif choice == 1:
+            L.move(ws, rng.sample(ids, 3), f"new {step}", actor="a")
+        elif choice == 2:
+            L.set_state(ws, rng.sample(ids, 4), rng.choice(L.STATES), actor="a")
+        elif choice == 3 and len(labels) > 4:
+            L.merge(ws, [labels[-1].id, labels[-2].id], actor="a")
+        else:
+            L.undo(ws, actor="a")
+        incremental = _table(ws)
+        # the same numbers from nothing: no cached state, every row recomputed and compared
+        geometry._CACHE.clear()
+        L.refresh_geometry(ws)
+        assert _table(ws) == incremental, f"step {step}"
+
+
+def test_label_geometry_matches_sklearn() -> None:
+    from sklearn.metrics import silhouette_samples
+
+    rng = np.random.default_rng(3)
+    labels_ = np.repeat(np.arange(3), [10, 15, 8])
+    space = (rng.normal(size=(3, 4))[labels_] * 3 + rng.normal(size=(33, 4))).astype(np.float32)
+    out = L.label_geometry(space, labels_, np.ones(33, bool))
+    np.testing.assert_allclose(out[:, 2], silhouette_samples(space, labels_), atol=1e-4)
+    assert out[:, 0] == pytest.approx(
+        np.linalg.norm(space - np.array([space[labels_ == c].mean(0) for c in labels_]), axis=1),
+        abs=1e-4,
+    )
+
+
+def test_a_workspace_from_before_the_geometry_table_migrates(tmp_path) -> None:
+    """A schema-4 workspace (geometry columns in image_labels, 4-value audit rows) opens:
+    its geometry is copied into label_geometry and an old step can still be undone."""
+    import json
+    import sqlite3
+
+    from imgcluster.workspace import MIGRATIONS, _split_sql
+
+    before = [name for name, _ in MIGRATIONS].index("label_geometry")
+    (tmp_path / "ws").mkdir()
+    conn = sqlite3.connect(tmp_path / "ws" / "imgcluster.sqlite")
+    for _name, sql in MIGRATIONS[:before]:
+        for statement in _split_sql(sql):
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {before}")
+    conn.execute("INSERT INTO meta(key, value) VALUES ('collection_root', ?)", (str(tmp_path),))
+    conn.executemany(
+        "INSERT INTO images(id, relpath, sha256, status) VALUES (?, ?, ?, 'ok')",
+        [(i, f"img{i}.png", f"{i:064d}") for i in (1, 2, 3)],
+    )
+    conn.execute(
+        "INSERT INTO clusterings(id, backbone, k, algorithm, seed, params, n_images, seconds) "
+        "VALUES (1, 'synthetic', 2, 'kmeans', 0, '{\"preprocess\": \"pca\"}', 3, 0)"
+    )
+    conn.execute(
+        "INSERT INTO label_sessions(id, run_id, backbone, created_by, version, "
+        "geometry_version) VALUES (1, 1, 'synthetic', 'old', 2, 2)"
+    )
+    conn.executemany(
+        "INSERT INTO labels(id, session_id, name, name_key, cluster) VALUES (?, 1, ?, ?, ?)",
+        [(1, "cluster_00", "cluster_00", 0), (2, "cluster_01", "cluster_01", 1)],
+    )
+    conn.executemany(
+        "INSERT INTO image_labels(session_id, image_id, label_id, confirmed, distance, "
+        "silhouette) VALUES (1, ?, ?, ?, ?, 0.5)",
+        [(1, 1, 0, 0.25), (2, 1, 0, 0.5), (3, 2, 1, 0.75)],
+    )
+    start = {"labels": [], "images": []}
+    moved = {"labels": [], "images": [[3, [1, 0, "normal", None], [2, 1, "normal", None]]]}
+    conn.executemany(
+        "INSERT INTO audit_log(session_id, actor, op, kind, status, summary, changes) "
+        "VALUES (1, 'old', ?, 'do', ?, ?, ?)",
+        [
+            ("start", None, "start", json.dumps(start)),
+            ("move", "done", "move 1 image to 'cluster_01'", json.dumps(moved)),
+        ],
+    )
+    conn.commit()
+    conn.close()
+
+    old_ws = Workspace(tmp_path / "ws")
+    assert old_ws.schema_version == len(MIGRATIONS)
+    page = L.label_images(old_ws, "cluster_00")
+    assert [(r.relpath, r.distance) for r in page] == [("img1.png", 0.25), ("img2.png", 0.5)]
+    assert L.list_labels(old_ws)[1].confirmed == 1
+    assert L.undo(old_ws, actor="old").summary == "undo move 1 image to 'cluster_01'"
+    assert {r.relpath: r.label for r in L.current_labels(old_ws)}["img3.png"] == "cluster_00"

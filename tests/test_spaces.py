@@ -1,0 +1,265 @@
+"""The vector spaces: one cheap feature-set identity, the refined space made once (also across
+processes), clusters moving to it only before labeling starts, run records, the 1M-point map
+helpers.
+
+Workspaces hold the 180 Fashion-MNIST PNGs with one injected vector per image from its true
+class (the CNN is not under test here); the refined space is made by the real background worker
+process running real umap.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import v_measure_score
+
+from imgcluster import clustering as C
+from imgcluster import projection as P
+from imgcluster import spaces as S
+from imgcluster.errors import FeaturesDamaged, UnknownCluster
+from imgcluster.features import feature_set_id, load_features, save_vectors
+from imgcluster.images import ingest
+from imgcluster.workspace import Workspace
+from tests.conftest import FMNIST, read_truth
+
+BACKBONE = "synthetic"
+
+
+def _truth() -> dict[str, str]:
+    return read_truth(FMNIST, strip="images/")
+
+
+def _workspace(path: Path, n: int | None = None) -> Workspace:
+    """FMNIST ingested, each image given a noisy vector of its class (first ``n`` images)."""
+    ws = Workspace(path, create=True)
+    ingest(ws, FMNIST / "images")
+    truth = _truth()
+    classes = sorted(set(truth.values()))
+    images = ws.images()[:n]
+    rng = np.random.default_rng(0)
+    centres = np.eye(32)[: len(classes)] * 2.0
+    vectors = [
+        centres[classes.index(truth[im.relpath])] + rng.normal(scale=0.4, size=32) for im in images
+    ]
+    save_vectors(ws, BACKBONE, [im.sha256 for im in images], np.array(vectors))
+    return ws
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Workspace:
+    return _workspace(tmp_path / "ws")
+
+
+def _rows(ws: Workspace) -> list[tuple[str, float]]:
+    with ws.read() as conn:
+        return [tuple(r) for r in conn.execute("SELECT method, seconds FROM projections")]
+
+
+# -- identity and run records -----------------------------------------------------------------
+
+
+def test_feature_set_id_changes_with_the_vectors_and_costs_no_vector_read(tmp_path: Path) -> None:
+    ws = _workspace(tmp_path / "ws", n=100)
+    with ws.read() as conn:
+        before = feature_set_id(conn, BACKBONE)
+        assert feature_set_id(conn, BACKBONE) == before
+    images = ws.images()
+    save_vectors(ws, BACKBONE, [images[150].sha256], np.ones((1, 32)))
+    with ws.read() as conn:
+        after = feature_set_id(conn, BACKBONE)
+        assert after != before
+        assert feature_set_id(conn, "other") != after
+
+
+def test_run_info_and_latest_run_read_the_runs_table(ws: Workspace) -> None:
+    assert C.latest_run(ws) is None
+    six = C.cluster(ws, BACKBONE, 6, random_state=2, preprocess="pca")
+    info = C.run_info(ws, six.id)
+    assert (info.id, info.backbone, info.k, info.random_state) == (six.id, BACKBONE, 6, 2)
+    assert info.preprocess == "pca" and info.n_images == 180
+    assert info.params["feature_set"] == six.params["feature_set"]
+    with ws.read() as conn:  # a caller's open connection works too
+        assert C.run_info(conn, six.id) == info
+        assert C.latest_run(conn, BACKBONE) == info
+    assert C.latest_run(ws, "other") is None
+    with pytest.raises(UnknownCluster, match="no clustering run with id 999"):
+        C.run_info(ws, 999)
+
+
+def test_a_stored_run_that_cluster_returns_becomes_the_newest(ws: Workspace) -> None:
+    fifty = C.cluster(ws, BACKBONE, 50, preprocess="pca")
+    five = C.cluster(ws, BACKBONE, 5, preprocess="pca")
+    assert C.latest_run(ws).id == five.id
+    again = C.cluster(ws, BACKBONE, 50, preprocess="pca")  # stored: returned, not recomputed
+    assert again.id == fifty.id and C.latest_run(ws).id == fifty.id
+    assert [r.id for r in C.list_runs(ws)] == [fifty.id, five.id]
+    revision = ws.revision
+    C.cluster(ws, BACKBONE, 50, preprocess="pca")  # already the newest: nothing written
+    assert ws.revision == revision
+
+
+def test_a_deleted_centroids_file_is_recomputed(ws: Workspace) -> None:
+    run = C.cluster(ws, BACKBONE, 6, preprocess="pca")
+    with ws.read() as conn:
+        (relfile,) = conn.execute(
+            "SELECT centroids_file FROM clusterings WHERE id = ?", (run.id,)
+        ).fetchone()
+    (ws.path / relfile).unlink()
+    again = C.cluster(ws, BACKBONE, 6, preprocess="pca")
+    assert again.id == run.id
+    np.testing.assert_allclose(again.centroids, run.centroids, atol=1e-4)
+    assert (ws.path / relfile).exists()  # written back
+
+
+def test_a_missing_or_wrong_shape_shard_is_one_clear_line(ws: Workspace) -> None:
+    from click.testing import CliRunner
+
+    from imgcluster.cli import cli
+
+    (shard,) = [p for p in (ws.path / "features" / BACKBONE).glob("*.npy") if ".top" not in p.name]
+    np.save(shard, np.zeros((3, 5), np.float32))
+    with pytest.raises(FeaturesDamaged, match=shard.name):
+        C.cluster(ws, BACKBONE, 6, preprocess="pca")
+    shard.unlink()
+    with pytest.raises(FeaturesDamaged, match="imgcluster extract"):
+        C.suggest_k(ws, 2, 8, backbone=BACKBONE, preprocess="pca")
+    args = ["cluster", "-w", str(ws.path), "--k", "6", "--backbone", BACKBONE]
+    result = CliRunner().invoke(cli, [*args, "--preprocess", "pca"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert shard.name in result.output and len(result.output.strip().splitlines()) == 1
+
+
+# -- the refined space ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_refined_space_is_made_once_by_the_worker_and_reused_across_processes(
+    ws: Workspace,
+) -> None:
+    assert S.space_status(ws, BACKBONE).state == "not started"
+    assert S.best_preprocess(ws, BACKBONE) == "pca"
+    assert C.cluster(ws, BACKBONE, 6).preprocess == "pca"  # never waits for UMAP
+
+    job = S.start_background(ws, BACKBONE)
+    assert job is not None and job.process is not None
+    assert S.start_background(ws, BACKBONE) is job  # asking again starts nothing new
+    assert S.space_status(ws, BACKBONE).state == "running"
+    assert job.wait(timeout=600) and job.returncode == 0, job.log_path.read_text()[-2000:]
+
+    assert S.space_status(ws, BACKBONE).state == "ready"
+    assert sorted(m for m, _ in _rows(ws)) == sorted(["umap", S.REFINED])
+    stored = S.load_space(ws, BACKBONE, S.REFINED)
+    assert stored.coords.shape == (180, S.REFINED_COMPONENTS)
+    np.testing.assert_array_equal(stored.image_ids, load_features(ws, BACKBONE).image_ids)
+    rows = _rows(ws)
+    # Another process (this one) reads the worker's space instead of computing it again.
+    again = S.compute_space(ws, BACKBONE, S.REFINED)
+    np.testing.assert_array_equal(again.coords, stored.coords)
+    assert S.start_background(ws, BACKBONE) is None and _rows(ws) == rows
+
+    run = C.cluster(ws, BACKBONE, 6)
+    assert run.preprocess == "umap" and run.params["dim"] == S.REFINED_COMPONENTS
+    truth = _truth()
+    relpaths = load_features(ws, BACKBONE).relpaths
+    assert v_measure_score([truth[r] for r in relpaths], run.labels) > 0.9
+
+    # Once the spaces are stored, polling, the map and a k change read no vector: they still
+    # work with the vector shards gone.
+    shutil.rmtree(ws.path / "features")
+    assert P.start_background_projection(ws, BACKBONE) is None
+    assert P.projection_status(ws, BACKBONE) == "ready"
+    assert P.get_projection(ws, BACKBONE).method == "umap"
+    assert C.cluster(ws, BACKBONE, 7).preprocess == "umap"
+
+
+@pytest.mark.slow
+def test_labels_never_change_under_a_started_session_when_the_space_becomes_ready(
+    ws: Workspace,
+) -> None:
+    from imgcluster import labels as L
+
+    run = C.cluster(ws, BACKBONE, 6)
+    assert run.preprocess == "pca"
+    L.start_session(ws, run.id, actor="alice")
+    before = L.current_labels(ws)
+    S.compute_space(ws, BACKBONE, S.REFINED)  # what the background worker does
+    assert S.best_preprocess(ws, BACKBONE) == "umap"
+    assert L.current_labels(ws) == before  # nothing moved under the annotator
+    assert C.latest_run(ws).id == run.id  # no new run was made behind the session's back
+
+
+@pytest.mark.slow
+def test_cli_cluster_makes_the_refined_space_once_and_clusters_in_it(ws: Workspace) -> None:
+    from click.testing import CliRunner
+
+    from imgcluster.cli import cli
+
+    args = ["cluster", "-w", str(ws.path), "--k", "6", "--backbone", BACKBONE]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert ", umap, " in first.output.splitlines()[0]
+    assert [m for m, _ in _rows(ws)] == [S.REFINED]
+    again = CliRunner().invoke(cli, [*args[:-2], "--k", "7", "--backbone", BACKBONE])
+    assert again.exit_code == 0 and ", umap, " in again.output.splitlines()[0]
+    assert [m for m, _ in _rows(ws)] == [S.REFINED]  # made once, reused
+    pca = CliRunner().invoke(cli, [*args, "--preprocess", "pca"])
+    assert ", pca, " in pca.output.splitlines()[0]
+
+
+def test_progress_reaches_the_status_file_format(tmp_path: Path) -> None:
+    seen: dict[str, float] = {}
+    write = S._progress_writer(tmp_path / "p.json", S.REFINED, seen)
+    write(50, 200)
+    assert S._read_progress(tmp_path / "p.json", S.REFINED) == pytest.approx(0.25)
+    sink = S._TqdmSink(lambda done, total: seen.update(last=done / total))
+    sink.write("\r120/200\n")  # what umap's tqdm bar writes with our bar_format
+    assert seen["last"] == pytest.approx(0.6)
+
+
+def test_numba_cache_dir_is_under_the_project_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    S._configure_numba_cache()
+    assert os.environ["NUMBA_CACHE_DIR"] == str(tmp_path / "cache" / "numba")
+    assert (tmp_path / "cache" / "numba").is_dir()
+
+
+@pytest.mark.slow
+def test_warm_numba_cache_fills_the_cache_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)  # set by earlier tests' umap imports
+    process = S.warm_numba_cache(block=True)
+    assert process is not None and process.returncode == 0
+    cached = list((tmp_path / "cache" / "numba").rglob("*.nbi"))
+    # pynndescent caches on its own; umap's functions are cached because of _numba_caching.
+    assert any("umap" in str(p) for p in cached) and any("pynndescent" in str(p) for p in cached)
+    assert S.warm_numba_cache() is None  # the marker says it is done
+
+
+# -- maps of a million points -----------------------------------------------------------------
+
+
+def test_density_image_counts_every_point_and_box_selection_gets_all_inside() -> None:
+    rng = np.random.default_rng(0)
+    coords = rng.normal(size=(100_000, 2)).astype(np.float32)
+    ids = np.arange(100_000, dtype=np.int64) + 7
+    image = P.density_image(coords, width=64, height=32)
+    assert image.counts.shape == (32, 64) and image.counts.sum() == 100_000
+    # Row 0 is the top of the map: a point at the largest y lands there.
+    top = P.density_image(np.array([[0.0, 0.0], [1.0, 1.0]]), width=2, height=2)
+    assert top.counts[0, 1] == 1 and top.counts[1, 0] == 1
+    projection = P.Projection(coords, "umap", True, ids)
+    inside = P.select_box(projection, (0.5, -0.5), (-1.0, 1.0))
+    expected = ids[(np.abs(coords[:, 0]) <= 0.5) & (np.abs(coords[:, 1]) <= 1.0)]
+    np.testing.assert_array_equal(inside, expected)
+    sample = P.point_sample(len(coords), 1000)
+    assert len(sample) == 1000 and (np.diff(sample) > 0).all()
+    np.testing.assert_array_equal(sample, P.point_sample(len(coords), 1000))
