@@ -14,6 +14,11 @@ Chromium (1440x1000), the median and worst of:
 - open the Clusters page from the sidebar (the first, cold open separately);
 - k change on the Clusters page: from Enter in the k box to the page showing k labels.
 
+Above the Clusters page's density threshold (`imgcluster_app.clusters_view.DENSITY_MIN`) the
+warm open and the k change are measured twice in the same run: with the map as it is drawn by
+default (a density image plus a sample of dots), then with "Draw every point" switched on (the
+every-point map: every point in WebGL), so the two are compared under the same machine load.
+
 The UMAP worker is off (``IMGCLUSTER_UMAP=0``) so it does not compete for the CPU during the
 measurements; the map is the PCA map.
 
@@ -193,6 +198,46 @@ def goto_label(page, url: str, name: str) -> None:
     wait_grid(page)
 
 
+def k_change(page, out: dict[str, list[float]], key: str, ks: range) -> None:
+    """From Enter in the k box to the page showing k labels, for each k of ``ks``."""
+    box = page.locator(".st-key-view_k_input input")
+    out.setdefault(key, [])
+    for k in ks:
+        box.fill(str(k))
+        t0 = time.perf_counter()
+        box.press("Enter")
+        idle(page)
+        page.get_by_text(f"· {k} labels").first.wait_for(timeout=300_000)
+        out[key].append(time.perf_counter() - t0)
+        print(f"  k -> {k} ({key}): {out[key][-1]:.2f} s", flush=True)
+        if page.get_by_role("button", name=f"Start over with k = {k}").count():
+            raise RuntimeError("k change asked for confirmation: measure on unedited labels")
+
+
+def every_point(page, on: bool) -> None:
+    """Switch the Clusters page's "Draw every point" toggle (the map drawn point by point)."""
+    toggle = page.locator(".st-key-clusters_every_point input")
+    if toggle.is_checked() != on:
+        page.locator(".st-key-clusters_every_point label").click()
+        idle(page)
+
+
+def open_clusters(page, out: dict[str, list[float]], key: str, repeats: int) -> None:
+    """Open the Clusters page from the sidebar (coming from the Label page), ``repeats`` times."""
+    out.setdefault(key, [])
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        page.get_by_test_id("stSidebarNav").get_by_role("link", name="Clusters").click()
+        page.get_by_role("heading", name="Clusters", level=1).wait_for()
+        idle(page)
+        page.locator('[data-testid="stPlotlyChart"]').first.wait_for()
+        out[key].append(time.perf_counter() - t0)
+        print(f"  open Clusters ({key}): {out[key][-1]:.2f} s", flush=True)
+        page.get_by_test_id("stSidebarNav").get_by_role("link", name="Label").click()
+        page.get_by_role("heading", name="Label", level=1).wait_for()
+        idle(page)
+
+
 def measure(page, url: str, name: str, repeats: int) -> dict[str, list[float]]:
     from imgcluster import labels as lb
     from imgcluster.workspace import Workspace
@@ -209,20 +254,14 @@ def measure(page, url: str, name: str, repeats: int) -> dict[str, list[float]]:
     cold = time.perf_counter() - t0
     print(f"  Clusters page, first open: {cold:.2f} s", flush=True)
 
-    # k changes first, while nobody has edited the labels (then a k change re-clusters at once)
-    box = page.locator(".st-key-view_k_input input")
-    for r in range(repeats):
-        k = K + 1 + r
-        box.fill(str(k))
-        t0 = time.perf_counter()
-        box.press("Enter")
-        idle(page)
-        page.get_by_text(f"· {k} labels").first.wait_for(timeout=300_000)
-        out["k"].append(time.perf_counter() - t0)
-        print(f"  k -> {k}: {out['k'][-1]:.2f} s", flush=True)
-        start_over = page.get_by_role("button", name=f"Start over with k = {k}")
-        if start_over.count():
-            raise RuntimeError("k change asked for confirmation: measure on unedited labels")
+    # k changes first, while nobody has edited the labels (then a k change re-clusters at once);
+    # above the density threshold, again with every point drawn (the every-point map), same run
+    dense = page.locator(".st-key-clusters_every_point").count() > 0
+    k_change(page, out, "k", range(K + 1, K + 1 + repeats))
+    if dense:
+        every_point(page, True)
+        k_change(page, out, "k_points", range(K + 1 + repeats, K + 1 + 2 * repeats))
+        every_point(page, False)
     goto_label(page, url, name)
     for r in range(repeats):
         # click-to-selected (then clear, so each round starts from nothing selected)
@@ -259,17 +298,15 @@ def measure(page, url: str, name: str, repeats: int) -> dict[str, list[float]]:
         wait_grid(page, differs=before)
         out["switch"].append(time.perf_counter() - t0)
         print(f"  switch: {out['switch'][-1]:.2f} s", flush=True)
-    # The Clusters page from the sidebar (warm caches).
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    # The Clusters page from the sidebar (warm caches); then with every point drawn.
+    open_clusters(page, out, "clusters", repeats)
+    if dense:
         page.get_by_test_id("stSidebarNav").get_by_role("link", name="Clusters").click()
-        page.get_by_role("heading", name="Clusters", level=1).wait_for()
         idle(page)
-        page.locator('[data-testid="stPlotlyChart"]').first.wait_for()
-        out["clusters"].append(time.perf_counter() - t0)
+        every_point(page, True)
         page.get_by_test_id("stSidebarNav").get_by_role("link", name="Label").click()
-        page.get_by_role("heading", name="Label", level=1).wait_for()
         idle(page)
+        open_clusters(page, out, "clusters_points", repeats)
     out["clusters_cold"] = [cold]
     out["reruns_on_click"] = [float(reruns)]
     return out
@@ -300,6 +337,8 @@ def report(results: dict[int, dict[str, list[float]]]) -> str:
         ("open Clusters, warm (s)", "clusters", 1.0, "< 1.5 s at 10k"),
         ("open Clusters, first (s)", "clusters_cold", 1.0, ""),
         ("k change (s)", "k", 1.0, "< 1.5 s at 10k"),
+        ("open Clusters, warm, every point drawn (s)", "clusters_points", 1.0, "(every-point map)"),
+        ("k change, every point drawn (s)", "k_points", 1.0, "(every-point map)"),
         ("reruns caused by clicks", "reruns_on_click", 1.0, "0"),
     ]
     sizes = sorted(results)

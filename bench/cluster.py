@@ -11,7 +11,7 @@ KMeans has structure to find) is clustered through the public API, as the app do
   the original recipe), and the ratio baseline / default.
 
 Projection: PCA 2-D (`compute_projection(..., "pca")`). Then the real background worker
-(`imgcluster.spaces.start_background`, a fresh process: numba's on-disk cache as it is) makes
+(`imgcluster.space_worker.start_background`, a fresh process: numba's on-disk cache as it is) makes
 the refined clustering space and the 2-D map; after it, ``cluster`` defaults to the refined
 space: first k=10, a k change to 20 in this process, and a k change in a fresh process (the
 space read back from the workspace, never recomputed). The worker is capped by
@@ -25,11 +25,19 @@ With ``--numba WS`` it instead times umap's first call in fresh processes on WS'
 ``efficientnet-lite0`` vectors (the refined space's settings), with an empty numba cache
 folder (a new machine) and then with the cache that first process left (every later process).
 
+With ``--first-fit N`` it times the refined space's UMAP fit of N synthetic vectors in fresh
+processes (the first fills numba's cache, the later ones are what every process after it
+pays): wall and CPU (user+sys) seconds of the fit, and of its kNN graph alone;
+``--graph pynndescent`` is the round-1 baseline (umap's own kNN search). With ``--k-change N``:
+k = 20, 30, 40 after k = 10 in a stored 10-d refined space of N points (100 blobs).
+
 Usage::
 
     python bench/cluster.py [--sizes 1000 10000 100000] [--umap-timeout 300]
     python bench/cluster.py --numba /tmp/ws-clothing
     python bench/cluster.py --sample-fit 100000 [--fit-samples 20000 50000]
+    python bench/cluster.py --first-fit 10000 [--runs 3] [--graph pynndescent]
+    python bench/cluster.py --k-change 100000
 """
 
 from __future__ import annotations
@@ -103,10 +111,10 @@ KCHANGE_FRESH = textwrap.dedent(
 def bench_refined(ws: Workspace, timeout: float) -> dict[str, object]:
     """The background worker (refined space, then the 2-D map) in a fresh process, then
     k changes in the refined space: in this process and in a fresh one (space read back)."""
-    from imgcluster import spaces
+    from imgcluster import space_worker, spaces
 
     start = time.perf_counter()
-    job = spaces.start_background(ws, BACKBONE)
+    job = space_worker.start_background(ws, BACKBONE)
     if job is None or not job.wait(timeout) or job.returncode != 0:
         return {"worker": f"> {timeout:.0f} s or failed (skipped)"}
     worker = time.perf_counter() - start
@@ -173,6 +181,77 @@ def bench_numba(path: Path) -> None:
             print(f"| {name} | {out[0]} s | {out[1]} s | {out[2]} s |", flush=True)
 
 
+FIRST_FIT = textwrap.dedent(
+    """
+    import resource, sys, time
+    sys.path.insert(0, sys.argv[2])
+    from cluster import synthetic_vectors
+    from imgcluster import spaces
+    def cpu():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    x = synthetic_vectors(int(sys.argv[1]))
+    if sys.argv[3] == "pynndescent":  # round 1: umap's own (uncacheable) pynndescent graph
+        spaces.EXACT_KNN_MIN_N = 10**12
+    c, t = cpu(), time.perf_counter()
+    spaces.umap_embed(x, spaces.REFINED_COMPONENTS, n_neighbors=spaces.REFINED_N_NEIGHBORS,
+                      min_dist=spaces.REFINED_MIN_DIST, n_epochs=spaces.REFINED_N_EPOCHS)
+    wall, used = time.perf_counter() - t, cpu() - c
+    x50 = spaces.pca_reduce(spaces.l2_normalize(x), spaces.UMAP_PCA_DIMS)
+    c, t = cpu(), time.perf_counter()
+    spaces.exact_knn(x50, spaces.REFINED_N_NEIGHBORS, "euclidean")
+    print(f"{wall:.1f} {used:.1f} {time.perf_counter() - t:.1f} {cpu() - c:.1f}")
+    """
+)
+
+
+def bench_first_fit(n: int, runs: int, graph: str) -> None:
+    """The refined space's fit in fresh processes: wall and CPU, the kNN graph apart."""
+    import os
+
+    print(f"| fresh process ({n:,} points) | fit wall | fit CPU | kNN graph wall | kNN CPU |")
+    print("|---|---|---|---|---|")
+    here = str(Path(__file__).resolve().parent)
+    for run in range(runs):
+        out = subprocess.run(
+            [sys.executable, "-W", "ignore", "-c", FIRST_FIT, str(n), here, graph],
+            env=os.environ.copy(),
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        print(f"| {run + 1} | {out[0]} s | {out[1]} s | {out[2]} s | {out[3]} s |", flush=True)
+
+
+def bench_k_change(n: int) -> None:
+    """k changes in a stored 10-d refined space of ``n`` points (100 blobs), as the slider does."""
+    import resource
+
+    from imgcluster import spaces
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = make_workspace(Path(tmp), n)
+        ids = load_features(ws, BACKBONE).image_ids
+        rng = np.random.default_rng(0)
+        centres = rng.normal(size=(100, spaces.REFINED_COMPONENTS)) * 5
+        coords = centres[rng.integers(100, size=n)] + rng.normal(size=(n, len(centres[0])))
+        space = spaces.StoredSpace(coords.astype(np.float32), ids, spaces.REFINED, {})
+        spaces._store(ws, BACKBONE, spaces.REFINED, spaces.feature_set(ws, BACKBONE), space, 0)
+        run = cluster(ws, BACKBONE, 10)
+        print("| N | space | algorithm | k | wall | CPU |\n|---|---|---|---|---|---|")
+        for k in (20, 30, 40):
+            c, (run, wall) = cpu(), timed(lambda k=k: cluster(ws, BACKBONE, k))
+            print(
+                f"| {n:,} | {run.preprocess} | {run.algorithm} | {k} | {wall:.2f} s | "
+                f"{cpu() - c:.2f} s |",
+                flush=True,
+            )
+
+
 def bench_sample_fit(n: int, samples: list[int]) -> None:
     """Full UMAP fit against fit-on-a-sample + transform, at ``n`` points."""
     from sklearn.metrics import normalized_mutual_info_score
@@ -212,7 +291,17 @@ def main() -> None:
     parser.add_argument("--numba", type=Path, help="Time umap's first call on WS's vectors.")
     parser.add_argument("--sample-fit", type=int, default=0, help="Sample fit vs full at N.")
     parser.add_argument("--fit-samples", type=int, nargs="+", default=[20_000, 50_000])
+    parser.add_argument("--first-fit", type=int, default=0, help="Refined fit at N, fresh.")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--graph", choices=["exact", "pynndescent"], default="exact")
+    parser.add_argument("--k-change", type=int, default=0, help="Refined k changes at N.")
     args = parser.parse_args()
+    if args.first_fit:
+        bench_first_fit(args.first_fit, args.runs, args.graph)
+        return
+    if args.k_change:
+        bench_k_change(args.k_change)
+        return
     if args.sample_fit:
         bench_sample_fit(args.sample_fit, args.fit_samples)
         return

@@ -61,6 +61,7 @@ __all__ = [
     "StoredSpace",
     "best_preprocess",
     "compute_space",
+    "exact_knn",
     "l2_normalize",
     "load_space",
     "pca_reduce",
@@ -114,6 +115,10 @@ UMAP_PCA_MIN_N = 5_000
 #: Above this many points UMAP is fitted on a seeded sample of this size and the rest is
 #: placed by ``transform`` (bench/README.md: quality and time of both at 100k).
 UMAP_FIT_SAMPLE = 50_000
+#: UMAP fits of this many points get an exact kNN graph (`exact_knn`); below the lower bound
+#: umap computes all distances itself.
+EXACT_KNN_MIN_N = 4_096
+EXACT_KNN_MAX_N = UMAP_FIT_SAMPLE
 
 #: Below this many images UMAP has too few neighbours to mean anything.
 UMAP_MIN_N = 8
@@ -269,19 +274,27 @@ def umap_embed(
         rng = np.random.default_rng(random_state)
         sample = np.sort(rng.choice(len(x), fit_sample, replace=False))
     fit_x = x if sample is None else x[sample]
+    n_neighbors = max(2, min(n_neighbors, len(fit_x) - 1))
+    # Exact neighbours when no ``transform`` follows (that needs pynndescent's index).
+    knn = (None, None, None)
+    if sample is None and EXACT_KNN_MIN_N <= len(fit_x) <= EXACT_KNN_MAX_N:
+        knn = (*_shared_knn(fit_x, n_neighbors, metric), None)
     model = umap.UMAP(
         n_components=n_components,
-        n_neighbors=max(2, min(n_neighbors, len(fit_x) - 1)),
+        n_neighbors=n_neighbors,
         min_dist=min_dist,
         metric=metric,
         n_epochs=n_epochs,
         random_state=random_state,
         init="spectral" if len(fit_x) > n_components + 1 else "random",
         tqdm_kwds=tqdm_kwds,
+        precomputed_knn=knn,
     )
     with warnings.catch_warnings():
         # "n_jobs value 1 overridden to 1 by setting random_state": determinism is the point.
         warnings.filterwarnings("ignore", message=".*random_state.*", category=UserWarning)
+        # Our exact graph comes without pynndescent's index: no ``transform`` is made from it.
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*", category=UserWarning)
         fitted = model.fit_transform(fit_x).astype(np.float32)
         if sample is None:
             return fitted
@@ -290,6 +303,60 @@ def umap_embed(
         out[sample] = fitted
         out[rest] = model.transform(x[rest]).astype(np.float32)
         return out
+
+
+def exact_knn(x: np.ndarray, n_neighbors: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ``n_neighbors`` nearest rows of every row (itself first), as umap's kNN graph.
+
+    Why not pynndescent (umap's own search above 4,096 points): its search code takes the
+    distance function as an argument, which numba cannot cache on disk, so every fresh process
+    recompiled it (bench/README.md: ~60 s of CPU of a 10k fit with a warm cache), while exact
+    search on the <= 50-d PCA reduction is a few blocked matrix products (~1 s at 10k).
+    ``metric`` is ``"cosine"`` (rows L2-normalised) or ``"euclidean"``.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(x)
+    indices = np.empty((n, n_neighbors), np.int32)
+    distances = np.empty((n, n_neighbors), np.float32)
+    norms = np.einsum("ij,ij->i", x, x)
+    step = max(1, 2**23 // n)  # ~32 MB of distances per block
+    with single_thread():
+        for start in range(0, n, step):
+            block = x[start : start + step]
+            rows = np.arange(len(block))
+            if metric == "cosine":
+                d = 1.0 - block @ x.T
+            else:
+                d = norms[start : start + step, None] - 2.0 * (block @ x.T) + norms[None, :]
+            d[rows, rows + start] = -np.inf  # itself first, even among duplicates
+            part = np.argpartition(d, n_neighbors - 1, axis=1)[:, :n_neighbors]
+            part_d = np.take_along_axis(d, part, axis=1)
+            order = np.argsort(part_d, axis=1, kind="stable")
+            part, part_d = np.take_along_axis(part, order, 1), np.take_along_axis(part_d, order, 1)
+            part_d = np.maximum(part_d, 0.0)
+            indices[start : start + step] = part
+            distances[start : start + step] = part_d if metric == "cosine" else np.sqrt(part_d)
+    return indices, distances
+
+
+#: The last exact kNN graph: the worker makes the refined space (30 neighbours) and then the
+#: 2-D map (15) of the same vectors, whose graph is the first 15 columns of the same search.
+_last_knn: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _shared_knn(x: np.ndarray, n_neighbors: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """`exact_knn`, reusing the last graph of the same points when it has enough neighbours.
+
+    Copies are returned: umap marks disconnected edges in the arrays it is given."""
+    import hashlib
+
+    key = (x.shape, metric, hashlib.blake2b(np.ascontiguousarray(x).data).hexdigest())
+    cached = _last_knn.get(key)
+    if cached is None or cached[0].shape[1] < n_neighbors:
+        cached = exact_knn(x, n_neighbors, metric)
+        _last_knn.clear()
+        _last_knn[key] = cached
+    return cached[0][:, :n_neighbors].copy(), cached[1][:, :n_neighbors].copy()
 
 
 def preprocess_vectors(

@@ -379,7 +379,7 @@ class Workspace:
         images): the collection root is read once, on ``conn`` when the caller has one open,
         and each relpath is checked lexically (not absolute, no ``..``), never resolved, so no
         file is touched. Whoever opens a file checks what it finds (export verifies its hash).
-        A relpath that would leave the collection maps to path None. (Added by H5, export.)
+        A relpath that would leave the collection maps to path None.
         """
         if conn is None:
             with self.read() as own:

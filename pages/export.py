@@ -44,7 +44,7 @@ def preview(
     confirmed_only: bool,
     include_unsure: bool,
     split: str | None = None,
-    seed: int = 0,
+    random_state: int = 0,
 ) -> tuple[list[dict], list[tuple[str, str]]]:
     """Folder and image count per label under these options (per split too), one row per
     reason images are left out, and the warnings to read first: the library's dry run, so the
@@ -56,7 +56,7 @@ def preview(
         confirmed_only=confirmed_only,
         include_unsure=include_unsure,
         split=split,
-        random_state=seed,
+        random_state=random_state,
     )
     table = []
     for label, per_split in sorted(
@@ -180,12 +180,12 @@ def options_form() -> dict:
         key="export_split",
         on_change=clear_result,
     )
-    seed = st.number_input(
-        "Split seed",
+    random_state = st.number_input(
+        "Split random state (the same number gives the same split)",
         0,
         2**31 - 1,
         0,
-        key="export_seed",
+        key="export_random_state",
         disabled=split == "none",
         on_change=clear_result,
     )
@@ -200,7 +200,7 @@ def options_form() -> dict:
         "name": name,
         "mode": mode,
         "split": None if split == "none" else split,
-        "random_state": int(seed),
+        "random_state": int(random_state),
         "confirmed_only": st.checkbox(
             "Only confirmed images", key="export_confirmed_only", on_change=clear_result
         ),

@@ -18,7 +18,7 @@ import streamlit as st
 from imgcluster import labels as lb
 from imgcluster.errors import ImgclusterError
 from imgcluster.workspace import Workspace
-from imgcluster_app import common, grid, router, views
+from imgcluster_app import common, compare, grid, router, views
 
 router.enter()
 
@@ -676,12 +676,28 @@ def main() -> None:
         st.info("Every label is empty.")
         return
     restore_place(table)
+    compare.restore(table.summaries)
     summary = label_picker(ws, table)
     progress_panel(ws, table, summary)
     suggestion(ws, table, summary)
     views.history_bar(ws, key="label")
     tools_box = st.container()
-    items = grid_section(ws, table, summary)
+    with st.columns(2)[1]:  # above the column it fills
+        compared = compare.chooser(table.summaries, summary, _describe)
+    if compared is None:
+        items = grid_section(ws, table, summary)
+    else:
+        # Two columns on a wide screen (Streamlit stacks them on a narrow one).
+        left, right = st.columns(2, gap="medium")
+        with left:
+            items = grid_section(ws, table, summary)
+        with right:
+            compare.column(
+                ws,
+                compared,
+                view=st.session_state.get(VIEW_NOW) if items else None,
+                on_action=lambda payload: _on_grid_action(ws, summary.id, payload),
+            )
     with tools_box:
         fits = summary.count <= len(items) and not st.session_state.get(SEARCH_KEY)
         label_tools(ws, summary, table, [i.image_id for i in items] if fits else None)

@@ -53,9 +53,7 @@ SCHEMA_MODULE = "imgcluster.migrations"
 
 #: (module, table) pairs still to move to a published view, with who moves them. The test
 #: fails when one is fixed, so the list only shrinks.
-SQL_PENDING: set[tuple[str, str]] = {
-    ("imgcluster.labels.gather", "images"),  # R1: FROM images -> FROM image_catalog
-}
+SQL_PENDING: set[tuple[str, str]] = set()
 
 #: (module, raised name) -> why it need not be an ImgclusterError.
 OTHER_RAISES: dict[tuple[str, str], str] = {
@@ -69,8 +67,6 @@ OTHER_RAISES: dict[tuple[str, str], str] = {
     ("imgcluster._process", "ValueError"): "programmer error: fileno() of a released lock",
     ("imgcluster.backbones.efficientnet_lite", "AssertionError"): "unreachable branch",
     ("imgcluster.spaces", "AttributeError"): "module __getattr__ protocol (PEP 562)",
-    # R1 owns recluster_unconfirmed: its n_new check should raise InvalidParameter.
-    ("imgcluster.labels.ops", "ValueError"): "pending (R1)",
 }
 
 

@@ -192,6 +192,7 @@ def test_preprocess_is_the_models_first_step(lite0_classifier) -> None:
     np.testing.assert_array_equal(preprocess(x), [[[[-127 / 128, 0.0, 1.0]]]])
 
 
+@pytest.mark.slow  # builds two more networks: ~2 s (lite0 is classified in the fast lane)
 @pytest.mark.parametrize("name", ["efficientnet-lite1", "efficientnet-lite2"])
 def test_larger_lites_load_and_classify(name: str) -> None:
     if not has_wheel(name):
@@ -223,7 +224,13 @@ def test_weights_of_another_variant_are_refused() -> None:
 
 @pytest.mark.parametrize(
     ("name", "dim"),
-    [("vgg16", 512), ("resnet50", 2048), ("efficientnetb0", 1280), ("efficientnetv2-b0", 1280)],
+    [
+        # one family in the fast lane; each other network costs ~1 s to build
+        pytest.param("vgg16", 512, marks=pytest.mark.slow),
+        pytest.param("resnet50", 2048, marks=pytest.mark.slow),
+        ("efficientnetb0", 1280),
+        pytest.param("efficientnetv2-b0", 1280, marks=pytest.mark.slow),
+    ],
 )
 def test_keras_app_random_weights(name: str, dim: int) -> None:
     backbone = get_backbone(name)
@@ -237,6 +244,7 @@ def test_keras_app_random_weights(name: str, dim: int) -> None:
 
 # Keras' own legacy h5 writer trips a numpy 2 deprecation; not ours to fix.
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+@pytest.mark.slow  # builds EfficientNetB0 twice and writes its h5: ~3 s
 def test_keras_app_loads_local_weights_file(tmp_path: Path) -> None:
     import h5py
     import keras

@@ -241,6 +241,7 @@ def test_interrupted_extraction_resumes_without_recomputing(
     assert len(load_features(ws, LITE0)) == n
 
 
+@pytest.mark.slow  # a child process imports TensorFlow and loads the model: ~5 s of CPU
 def test_killed_process_loses_at_most_the_batch_in_flight(
     tmp_path: Path, extractor: FeatureExtractor, model_cache: Path
 ) -> None:
@@ -311,6 +312,7 @@ def test_vanished_or_changed_files_are_reported_not_fatal(
 # -- runtimes ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # loads the Keras runtime too (the fast lane runs the TFLite one): ~5 s
 def test_tflite_vectors_match_keras(
     tmp_path: Path,
     extractor: FeatureExtractor,
@@ -329,6 +331,7 @@ def test_tflite_vectors_match_keras(
     assert json.loads(verdict.read_text())["ok"] is True
 
 
+@pytest.mark.slow  # builds the Keras model again: ~3 s
 def test_auto_runtime_falls_back_to_keras_when_the_conversion_failed_its_check(
     tmp_path: Path,
     extractor: FeatureExtractor,

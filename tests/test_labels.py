@@ -889,6 +889,7 @@ def _worker(path: str, actor: str, seed: int, n_ops: int, out: str) -> None:
     Path(out).write_text(json.dumps({"done": done, "refused": refused}))
 
 
+@pytest.mark.slow  # two processes x 500 operations: ~5 s
 def test_two_processes_doing_500_random_operations_each(ws: Workspace, tmp_path: Path) -> None:
     procs = []
     for actor, seed in (("p1", 1), ("p2", 2)):

@@ -1,6 +1,6 @@
 """The 2-D map: PCA stand-in at once, UMAP from a background worker, stored once per feature set.
 
-The UMAP worker is the real background process (`imgcluster.spaces.start_background`) on real
+The UMAP worker is the real background process (`imgcluster.space_worker.start_background`) on real
 EfficientNet-Lite0 features of ../shared/datasets/clothing (its numba compilation is what makes
 it slow, so it runs once for the module).
 """

@@ -19,6 +19,7 @@ from sklearn.metrics import v_measure_score
 
 from imgcluster import clustering as C
 from imgcluster import projection as P
+from imgcluster import space_worker as W
 from imgcluster import spaces as S
 from imgcluster.errors import FeaturesDamaged, UnknownCluster
 from imgcluster.features import feature_set_id, load_features, save_vectors
@@ -140,17 +141,17 @@ def test_a_missing_or_wrong_shape_shard_is_one_clear_line(ws: Workspace) -> None
 def test_refined_space_is_made_once_by_the_worker_and_reused_across_processes(
     ws: Workspace,
 ) -> None:
-    assert S.space_status(ws, BACKBONE).state == "not started"
+    assert W.space_status(ws, BACKBONE).state == "not started"
     assert S.best_preprocess(ws, BACKBONE) == "pca"
     assert C.cluster(ws, BACKBONE, 6).preprocess == "pca"  # never waits for UMAP
 
-    job = S.start_background(ws, BACKBONE)
+    job = W.start_background(ws, BACKBONE)
     assert job is not None and job.process is not None
-    assert S.start_background(ws, BACKBONE) is job  # asking again starts nothing new
-    assert S.space_status(ws, BACKBONE).state == "running"
+    assert W.start_background(ws, BACKBONE) is job  # asking again starts nothing new
+    assert W.space_status(ws, BACKBONE).state == "running"
     assert job.wait(timeout=600) and job.returncode == 0, job.log_path.read_text()[-2000:]
 
-    assert S.space_status(ws, BACKBONE).state == "ready"
+    assert W.space_status(ws, BACKBONE).state == "ready"
     assert sorted(m for m, _ in _rows(ws)) == sorted(["umap", S.REFINED])
     stored = S.load_space(ws, BACKBONE, S.REFINED)
     assert stored.coords.shape == (180, S.REFINED_COMPONENTS)
@@ -159,7 +160,7 @@ def test_refined_space_is_made_once_by_the_worker_and_reused_across_processes(
     # Another process (this one) reads the worker's space instead of computing it again.
     again = S.compute_space(ws, BACKBONE, S.REFINED)
     np.testing.assert_array_equal(again.coords, stored.coords)
-    assert S.start_background(ws, BACKBONE) is None and _rows(ws) == rows
+    assert W.start_background(ws, BACKBONE) is None and _rows(ws) == rows
 
     run = C.cluster(ws, BACKBONE, 6)
     assert run.preprocess == "umap" and run.params["dim"] == S.REFINED_COMPONENTS
@@ -212,9 +213,9 @@ def test_cli_cluster_makes_the_refined_space_once_and_clusters_in_it(ws: Workspa
 
 def test_progress_reaches_the_status_file_format(tmp_path: Path) -> None:
     seen: dict[str, float] = {}
-    write = S._progress_writer(tmp_path / "p.json", S.REFINED, seen)
+    write = W._progress_writer(tmp_path / "p.json", S.REFINED, seen)
     write(50, 200)
-    assert S._read_progress(tmp_path / "p.json", S.REFINED) == pytest.approx(0.25)
+    assert W._read_progress(tmp_path / "p.json", S.REFINED) == pytest.approx(0.25)
     sink = S._TqdmSink(lambda done, total: seen.update(last=done / total))
     sink.write("\r120/200\n")  # what umap's tqdm bar writes with our bar_format
     assert seen["last"] == pytest.approx(0.6)
@@ -236,12 +237,12 @@ def test_warm_numba_cache_fills_the_cache_once(
 ) -> None:
     monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)  # set by earlier tests' umap imports
-    process = S.warm_numba_cache(block=True)
+    process = W.warm_numba_cache(block=True)
     assert process is not None and process.returncode == 0
     cached = list((tmp_path / "cache" / "numba").rglob("*.nbi"))
     # pynndescent caches on its own; umap's functions are cached because of _numba_caching.
     assert any("umap" in str(p) for p in cached) and any("pynndescent" in str(p) for p in cached)
-    assert S.warm_numba_cache() is None  # the marker says it is done
+    assert W.warm_numba_cache() is None  # the marker says it is done
 
 
 # -- maps of a million points -----------------------------------------------------------------
@@ -263,3 +264,42 @@ def test_density_image_counts_every_point_and_box_selection_gets_all_inside() ->
     sample = P.point_sample(len(coords), 1000)
     assert len(sample) == 1000 and (np.diff(sample) > 0).all()
     np.testing.assert_array_equal(sample, P.point_sample(len(coords), 1000))
+
+
+def test_worker_names_moved_to_space_worker_still_import_from_spaces() -> None:
+    assert S.start_background is W.start_background and S.SpaceJob is W.SpaceJob
+    with pytest.raises(AttributeError, match="no_such_name"):
+        S.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_exact_knn_matches_brute_force_with_each_point_first(metric: str) -> None:
+    """The kNN graph UMAP gets from 4,096 points on (no pynndescent: its search code is not
+    cacheable by numba, so it recompiled in every process); duplicates still list themselves
+    first, as umap expects."""
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(0)
+    x = S.l2_normalize(rng.normal(size=(700, 12)).astype(np.float32))
+    x[5] = x[6]  # an exact duplicate
+    indices, distances = S.exact_knn(x, 8, metric)
+    truth = NearestNeighbors(n_neighbors=8, metric=metric, algorithm="brute").fit(x)
+    true_d, _ = truth.kneighbors(x)
+    assert indices.shape == distances.shape == (700, 8)
+    assert (indices[:, 0] == np.arange(700)).all() and (distances[:, 0] == 0).all()
+    np.testing.assert_allclose(distances, true_d, atol=1e-3)
+    assert indices[5, 1] == 6 and indices[6, 1] == 5
+    assert (np.diff(distances, axis=1) >= 0).all()
+
+
+def test_the_map_reuses_the_refined_spaces_knn_graph_without_sharing_its_arrays() -> None:
+    """The worker's 2-D map (15 neighbours) takes the first columns of the refined space's
+    30-neighbour search of the same points instead of searching again."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 6)).astype(np.float32)
+    first, _ = S._shared_knn(x, 30, "euclidean")
+    first[:] = -1  # umap writes into the arrays it gets
+    again, dist = S._shared_knn(x, 15, "euclidean")
+    expected, expected_d = S.exact_knn(x, 15, "euclidean")
+    np.testing.assert_array_equal(again, expected)
+    np.testing.assert_allclose(dist, expected_d)

@@ -3,13 +3,12 @@
 After clustering, the remaining work is often single misfits scattered over many labels, one
 move each. `gather` collects, for one label, the images elsewhere whose nearest labeled
 neighbours sit in that label at least as much as in its own (a kNN vote, MorphoCluster's
-"grow"); `accept_gathered`
-moves the ones a person accepts in one audited, undoable step.
+"grow"); `accept_gathered` moves the ones a person accepts in one audited, undoable step.
 
 The vote runs on the L2-normalised vectors (cosine neighbours), not in the session's
 clustering space: that space (PCA, and far more the refined UMAP space) is built to make
 clusters compact, so there a stray's nearest neighbours are the other strays of its own
-cluster and the vote keeps it where it is (round 1: 17 strays over all labels at precision
+cluster and the vote keeps it where it is (the first version: 17 strays over all labels at precision
 0.24 in the refined space; this vote: 90-130 at about 0.3). A logistic-regression probe
 trained out of fold on the current labels ranked no better (0.27-0.38) at 10-100x the cost.
 """
@@ -159,7 +158,7 @@ def _strays(
         info = {
             int(r[0]): (r[1], r[2])
             for r in chunked_rows(
-                conn, "SELECT id, relpath, sha256 FROM images WHERE id IN ({})", picked
+                conn, "SELECT id, relpath, sha256 FROM image_catalog WHERE id IN ({})", picked
             )
         }
         names = dict(

@@ -477,7 +477,7 @@ def recluster_unconfirmed(
 
     actor = actor_name(actor)
     if isinstance(n_new, bool) or not isinstance(n_new, numbers.Integral) or n_new < 0:
-        raise ValueError(f"n_new={n_new!r} should be an integer >= 0")
+        raise InvalidParameter(f"n_new={n_new!r} should be an integer >= 0")
     for _attempt in range(ATTEMPTS):
         with workspace.read() as conn:
             session = session_row(conn)

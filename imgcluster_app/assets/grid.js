@@ -129,6 +129,10 @@ function build(parent, data) {
 
 function paint(dom, data, state) {
   const n = state.selected.size;
+  // Other components of the page (the comparison's "move here") act on this selection.
+  const chosen = Array.from(state.selected);
+  (globalThis.__imgclusterSelections ??= new Map()).set(data.view, chosen);
+  document.dispatchEvent(new CustomEvent("imgcluster-selection", { detail: { view: data.view, ids: chosen } }));
   dom.count.textContent = `${n.toLocaleString()} selected`;
   const total = data.items.length;
   dom.count.title = `${n} of ${total} on this page`;

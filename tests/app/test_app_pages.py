@@ -263,6 +263,41 @@ def test_label_page_opens_where_the_url_says_and_keeps_it_there(home, labeled):
     assert shown == [i.relpath for i in lb.label_images(ws, big.id, limit=48, order="relpath")]
 
 
+def component_data(at: AppTest, name: str) -> dict | None:
+    import json
+
+    for element in at.get("bidi_component"):
+        if element.proto.component_name == name:
+            return json.loads(element.proto.json)
+    return None
+
+
+def test_compare_with_another_label_from_the_url(home, labeled):
+    """``?compare=<name>`` opens the comparison beside the label: the compared label's most
+    typical photos; the chooser never offers the label shown; comparing a label with itself
+    is dropped (and leaves the URL)."""
+    ws = labeled
+    shown, other = sorted(lb.list_labels(ws), key=lambda s: -s.count)[:2]
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.query_params.update({"ws": "sample", "label": shown.name, "compare": other.name})
+    ok(at.switch_page("pages/label.py").run())
+    box = next(s for s in at.selectbox if s.label == "Compare with")
+    assert box.value == other.id
+    assert shown.name not in {o.split(" — ")[0] for o in box.options}
+    data = component_data(at, "imgcluster_compare_column")
+    assert data is not None and data["target"] == other.id
+    expected = lb.label_images(ws, other.id, limit=24, order="typicality")
+    assert [i["relpath"] for i in data["items"]] == [i.relpath for i in expected]
+    assert at.query_params["compare"] == other.name
+
+    ok(chooser(at).set_value(other.id).run())  # the compared label becomes the one shown
+    box = next(s for s in at.selectbox if s.label == "Compare with")
+    assert box.value is None
+    assert other.name not in {o.split(" — ")[0] for o in box.options}
+    assert component_data(at, "imgcluster_compare_column") is None
+    assert "compare" not in at.query_params
+
+
 def test_next_label_to_review_and_the_default_annotator_name(home, labeled):
     ws = labeled
     at = page(fresh("sample"), "label")

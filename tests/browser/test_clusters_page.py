@@ -212,3 +212,106 @@ def test_a_suggested_name_is_accepted_in_one_click(browser_page, app_server):
     settle(page)
     renamed = {s.id: s.name for s in lb.list_labels(ws)}[label_id]
     assert renamed == suggestion and not renamed.startswith("cluster_")
+
+
+def test_refined_space_ready_after_labeling_started_offers_a_recluster_keeping_decisions(
+    browser_page, app_server
+):
+    """Issue 13 §1: once labeling has started, a ready refined space never changes the labels
+    by itself; the page offers "re-cluster in the refined space, keeping your decisions", and
+    that keeps every image moved by hand where it was put."""
+    from imgcluster import spaces
+    from tests.browser._helpers_clusters import BACKBONE
+
+    page = browser_page
+    ws = labeled_workspace(app_server["workspaces"], "refined", k=8)
+    labels = lb.list_labels(ws)
+    rows = lb.current_labels(ws)
+    moved = [r.image_id for r in rows if r.label == labels[0].name][:3]
+    lb.move(ws, moved, labels[1].name, actor="ana")
+    spaces.compute_space(ws, BACKBONE, spaces.REFINED)
+    before = {r.image_id: r.label for r in lb.current_labels(ws)}
+    n_ops = len(lb.history(ws))
+
+    open_page(page, app_server, "clusters", "refined")
+    offer = page.get_by_role(
+        "button", name="Re-cluster in the refined space, keeping your decisions"
+    )
+    offer.wait_for()
+    assert offer.get_attribute("data-testid") != "stBaseButton-primary"
+    # Shown, not done: the labels did not change under the annotator's feet.
+    assert {r.image_id: r.label for r in lb.current_labels(ws)} == before
+    assert len(lb.history(ws)) == n_ops
+
+    offer.click()
+    settle(page)
+    assert lb.history(ws, limit=1)[0].op == "recluster"
+    after = {r.image_id: r.label for r in lb.current_labels(ws)}
+    assert all(after[i] == labels[1].name for i in moved)
+    assert {s.name for s in lb.list_labels(ws, include_empty=True)} >= {s.name for s in labels}
+    assert (
+        page.get_by_role(
+            "button", name="Re-cluster in the refined space, keeping your decisions"
+        ).count()
+        == 0
+    )
+
+
+def test_a_box_on_the_map_selects_every_image_inside_it_by_coordinates(browser_page, app_server):
+    """The selection is made server side from the box's coordinates (so a box over the
+    density image of a large map selects the images it covers, not only the drawn dots)."""
+    from imgcluster import spaces
+    from imgcluster.projection import get_projection, select_box
+    from tests.browser._helpers_clusters import BACKBONE
+
+    page = browser_page
+    ws = labeled_workspace(app_server["workspaces"], "box", k=8)
+    spaces.compute_space(ws, BACKBONE, spaces.MAP_UMAP)  # the map the page shows, from the start
+    open_page(page, app_server, "clusters", "box")
+    chart = page.locator('[data-testid="stPlotlyChart"]').filter(has_text="map of 120")
+    area = chart.locator(".nsewdrag").first
+    area.wait_for()
+    box = area.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.15, box["y"] + box["height"] * 0.15)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.7, steps=8)
+    page.mouse.up()
+    settle(page)
+    drawn = page.evaluate(
+        """() => { for (const gd of document.querySelectorAll('.js-plotly-plot')) {
+            const t = (gd.layout.title && gd.layout.title.text) || '';
+            if (t.includes('map of')) { const s = gd.layout.selections[0];
+                return [s.x0, s.x1, s.y0, s.y1]; } } }"""
+    )
+    expected = select_box(get_projection(ws, BACKBONE), drawn[:2], drawn[2:])
+    assert 0 < len(expected) < 120
+    page.get_by_text(f"{len(expected):,} images selected on the map").wait_for()
+
+
+def test_a_large_map_is_a_density_image_whose_regions_select_every_image_inside():
+    """Above `DENSITY_MIN` images the browser gets one density image and a sample of dots; a
+    box or lasso still selects every image inside it, computed from all coordinates."""
+    import numpy as np
+
+    from imgcluster.projection import Projection
+    from imgcluster_app import clusters_view as cv
+
+    rng = np.random.default_rng(0)
+    n = cv.DENSITY_MIN * 3
+    coords = rng.normal(size=(n, 2)).astype(np.float32)
+    proj = Projection(coords, "pca", True, np.arange(n, dtype=np.int64) + 100)
+    assert not cv.every_point(n) and len(cv.drawn_rows(n)) == cv.SAMPLE_POINTS
+    colours = np.tile([[255.0, 0.0, 0.0]], (n, 1))
+    rgba, extent = cv.density_rgba(coords, colours)
+    assert rgba.shape == (cv.DENSITY_SIZE[1], cv.DENSITY_SIZE[0], 4)
+    assert (rgba[..., 3] > 0).any() and (rgba[rgba[..., 3] > 0][:, :3] == [255, 0, 0]).all()
+    assert extent[0] == coords[:, 0].min() and extent[3] == coords[:, 1].max()
+
+    inside = (coords[:, 0] >= 0) & (coords[:, 0] <= 1) & (coords[:, 1] >= -1) & (coords[:, 1] <= 0)
+    want = set((np.flatnonzero(inside) + 100).tolist())
+    box = {"selection": {"points": [], "box": [{"x": [1, 0], "y": [-1, 0]}], "lasso": []}}
+    assert set(cv.region_ids(box, proj)) == want
+    square = {"x": [0, 1, 1, 0], "y": [-1, -1, 0, 0]}
+    lasso = {"selection": {"points": [], "box": [], "lasso": [square]}}
+    assert set(cv.region_ids(lasso, proj)) == want
+    assert cv.region_ids({"selection": {"points": [], "box": [], "lasso": []}}, proj) is None

@@ -256,6 +256,7 @@ def test_worker_node_removed_mid_job_loses_and_repeats_nothing(
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # starts a Ray cluster: ~6 s
 def test_block_received_but_not_committed_is_committed_by_the_next_run(
     collection: Path, local_reference: Workspace, tmp_path: Path
 ) -> None:
@@ -299,6 +300,7 @@ def test_ingest_results_carry_every_field_of_an_examined_file() -> None:
     assert set(_EXAMINED_FIELDS) == {f.name for f in dataclasses.fields(ExaminedFile)}
 
 
+@pytest.mark.slow  # imports Ray (several seconds of CPU) to fail one connection
 def test_unreachable_cluster_is_one_line_and_exit_1(tmp_path: Path, collection: Path) -> None:
     pytest.importorskip("ray")
     import socket

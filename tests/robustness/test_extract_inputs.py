@@ -270,6 +270,7 @@ def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
     return bytes(buf)
 
 
+@pytest.mark.slow  # 3,000 mutated decodes through the network: ~4 s
 def test_seeded_fuzz_of_mutated_images_never_escapes_the_batch(extractor) -> None:
     rng = np.random.default_rng(FUZZ_SEED)
     seeds = list(_seed_images().items())
