@@ -19,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import statistics
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scale import image_rows_workspace  # bench/ is on sys.path: run as `python bench/...`
 
 from imgcluster import labels
 from imgcluster.clustering import cluster
@@ -44,16 +44,7 @@ TARGET_SECONDS = 1.0
 
 def build_workspace(folder: Path, n: int, *, k: int = 20, seed: int = 0) -> Workspace:
     """``n`` image rows, their vectors, one clustering run and a labeling session."""
-    ws = Workspace(folder / "ws", create=True)
-    (folder / "photos").mkdir(exist_ok=True)
-    ws.set_collection_root(folder / "photos")
-    shas = [hashlib.sha256(f"image {i}".encode()).hexdigest() for i in range(n)]
-    with ws.transaction() as conn:
-        conn.executemany(
-            "INSERT INTO images(relpath, sha256, size, mtime_ns, width, height, format, status) "
-            "VALUES (?, ?, 20000, 1, 640, 480, 'JPEG', 'ok')",
-            ((f"batch{i // 1000:03d}/photo_{i:06d}.jpg", sha) for i, sha in enumerate(shas)),
-        )
+    ws, shas = image_rows_workspace(folder, n)
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(k, DIM))
     vectors = centres[rng.integers(k, size=n)] + 0.3 * rng.normal(size=(n, DIM))

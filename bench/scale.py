@@ -72,8 +72,12 @@ def synthetic_vectors(rng: np.random.Generator, centres: np.ndarray, n: int) -> 
     return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
-def build_workspace(path: Path, n: int, *, blobs: int = 40, seed: int = 0) -> Workspace:
-    """``n`` image rows and their vectors, stored through the library's own API."""
+def image_rows_workspace(path: Path, n: int) -> tuple[Workspace, list[str]]:
+    """A workspace in ``path / "ws"`` with ``n`` image rows and no files; their sha256s.
+
+    Labeling, clustering and export planning never open an image, so rows are enough (also
+    used by ``bench/export_plan.py``).
+    """
     ws = Workspace(path / "ws", create=True)
     (path / "photos").mkdir(exist_ok=True)
     ws.set_collection_root(path / "photos")
@@ -84,6 +88,12 @@ def build_workspace(path: Path, n: int, *, blobs: int = 40, seed: int = 0) -> Wo
             "VALUES (?, ?, 20000, 1, 640, 480, 'JPEG', 'ok')",
             ((f"batch{i // 1000:03d}/photo_{i:06d}.jpg", sha) for i, sha in enumerate(shas)),
         )
+    return ws, shas
+
+
+def build_workspace(path: Path, n: int, *, blobs: int = 40, seed: int = 0) -> Workspace:
+    """``n`` image rows and their vectors, stored through the library's own API."""
+    ws, shas = image_rows_workspace(path, n)
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(blobs, DIM)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)

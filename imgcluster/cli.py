@@ -33,6 +33,17 @@ workspace_option = click.option(
     type=click.Path(file_okay=False, path_type=Path),
     help="Workspace folder (one labeling project).",
 )
+#: Where the per-image work runs (`ingest`, `extract`).
+engine_option = click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: run the per-image work on a Ray cluster (needs imgcluster[ray]).",
+)
+address_option = click.option(
+    "--address", default=None, help="Ray cluster address (--engine ray; default: local)."
+)
 
 
 class _Group(click.Group):
@@ -114,14 +125,8 @@ def open_workspace(path: Path) -> Workspace:
 @cli.command()
 @click.argument("image_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @workspace_option
-@click.option(
-    "--engine",
-    type=click.Choice(["local", "ray"]),
-    default="local",
-    show_default=True,
-    help="ray: run the per-image work on a Ray cluster (needs imgcluster[ray]).",
-)
-@click.option("--address", default=None, help="Ray cluster address (--engine ray; default: local).")
+@engine_option
+@address_option
 def ingest(image_dir: Path, workspace_path: Path, engine: str, address: str | None) -> None:
     """Scan IMAGE_DIR, validate every image, make thumbnails; re-runs add only new files."""
     from imgcluster.images import ingest as ingest_images
@@ -302,14 +307,8 @@ def export(
     is_flag=True,
     help="Test-time flip: average each vector with its mirror image's (twice the time).",
 )
-@click.option(
-    "--engine",
-    type=click.Choice(["local", "ray"]),
-    default="local",
-    show_default=True,
-    help="ray: run the per-image work on a Ray cluster (needs imgcluster[ray]).",
-)
-@click.option("--address", default=None, help="Ray cluster address (--engine ray; default: local).")
+@engine_option
+@address_option
 def extract(
     workspace_path: Path,
     backbone: str,
@@ -676,24 +675,28 @@ def labels_delete(label: str, workspace_path: Path, actor: str) -> None:
     _applied(delete_label(open_workspace(workspace_path), _label_ref(label), actor=actor))
 
 
-@labels_group.command(name="undo")
-@workspace_option
-@actor_option
-def labels_undo(workspace_path: Path, actor: str) -> None:
-    """Undo the actor's newest step."""
-    from imgcluster.labels import undo
+def _workspace_step_command(name: str, operation: str, doc: str) -> None:
+    """A `labels NAME` command that applies ``imgcluster.labels.<operation>(workspace, actor=)``.
 
-    _applied(undo(open_workspace(workspace_path), actor=actor))
+    For the steps that take nothing but the workspace and the actor (one shape, one place).
+    """
+
+    @labels_group.command(name=name, help=doc)
+    @workspace_option
+    @actor_option
+    def command(workspace_path: Path, actor: str) -> None:
+        from imgcluster import labels
+
+        _applied(getattr(labels, operation)(open_workspace(workspace_path), actor=actor))
 
 
-@labels_group.command(name="redo")
-@workspace_option
-@actor_option
-def labels_redo(workspace_path: Path, actor: str) -> None:
-    """Redo the actor's most recently undone step."""
-    from imgcluster.labels import redo
-
-    _applied(redo(open_workspace(workspace_path), actor=actor))
+_workspace_step_command("undo", "undo", "Undo the actor's newest step.")
+_workspace_step_command("redo", "redo", "Redo the actor's most recently undone step.")
+_workspace_step_command(
+    "delete-empty",
+    "delete_empty_labels",
+    "Delete every label that holds no image (one undoable step).",
+)
 
 
 @labels_group.command(name="history")
@@ -778,16 +781,6 @@ def labels_gather(label: str, workspace_path: Path, limit: int, accept: int, act
         chosen = strays[:accept]
         shown = {s.image_id: s.label_id for s in chosen}
         _applied(accept_gathered(ws, _label_ref(label), list(shown), actor=actor, expected=shown))
-
-
-@labels_group.command(name="delete-empty")
-@workspace_option
-@actor_option
-def labels_delete_empty(workspace_path: Path, actor: str) -> None:
-    """Delete every label that holds no image (one undoable step)."""
-    from imgcluster.labels import delete_empty_labels
-
-    _applied(delete_empty_labels(open_workspace(workspace_path), actor=actor))
 
 
 # -- workspace care ---------------------------------------------------------------------------

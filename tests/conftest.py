@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,17 @@ SAMPLE_DATA = PROJECT / "sample_data"  # 120 CC0 photos, 10 classes x 12 (the ap
 # The former sample: 180 Fashion-MNIST PNGs, 6 classes x 30, for tests built on that shape.
 FMNIST = PROJECT / "tests" / "fixtures" / "fmnist"
 CLOTHING = PROJECT.parent / "shared" / "datasets" / "clothing"
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private converted-model cache per test module, so tests never read or write the user's."""
+    from imgcluster.settings import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("imgcluster-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

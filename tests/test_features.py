@@ -47,15 +47,6 @@ LITE0 = "efficientnet-lite0"
 
 
 @pytest.fixture(scope="module")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private converted-model cache, so tests never read or write the user's."""
-    folder = tmp_path_factory.mktemp("imgcluster-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(CACHE_ENV, str(folder))
-        yield folder
-
-
-@pytest.fixture(scope="module")
 def extractor(model_cache: Path) -> FeatureExtractor:
     return load_extractor(LITE0, runtime="tflite")
 

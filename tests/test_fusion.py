@@ -44,14 +44,6 @@ pytestmark = pytest.mark.slow  # two networks converted once per module (~20-40 
 
 
 @pytest.fixture(scope="module")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("imgcluster-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(CACHE_ENV, str(folder))
-        yield folder
-
-
-@pytest.fixture(scope="module")
 def fused(model_cache: Path) -> FeatureExtractor:
     return load_extractor(FUSED, runtime="tflite")
 

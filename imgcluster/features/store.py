@@ -238,19 +238,27 @@ def load_features(workspace: Workspace, backbone: str) -> FeatureMatrix:
     )
 
 
-def _load_one(workspace: Workspace, backbone: str) -> FeatureMatrix:
+#: Every usable image's stored row under one backbone (``?``), by relpath; aliases i, f, s.
+_STORED_ROWS = """
+    FROM image_catalog AS i
+    JOIN features AS f ON f.backbone = ? AND f.sha256 = i.sha256
+    JOIN feature_shards AS s ON s.id = f.shard_id
+    WHERE i.status = 'ok'
+    ORDER BY i.relpath
+"""
+
+
+def _stored_rows(workspace: Workspace, backbone: str, columns: str) -> list[sqlite3.Row]:
+    """``columns`` (a constant SQL list over i, f, s) of each usable image's stored row, where
+    both the vectors and the class probabilities are read from (one query, one order)."""
     with workspace.read() as conn:
-        rows = conn.execute(
-            """
-            SELECT i.id, i.relpath, i.sha256, s.file, f.row, s.n_rows, s.dim
-            FROM image_catalog AS i
-            JOIN features AS f ON f.backbone = ? AND f.sha256 = i.sha256
-            JOIN feature_shards AS s ON s.id = f.shard_id
-            WHERE i.status = 'ok'
-            ORDER BY i.relpath
-            """,
-            (backbone,),
-        ).fetchall()
+        return conn.execute(f"SELECT {columns} {_STORED_ROWS}", (backbone,)).fetchall()
+
+
+def _load_one(workspace: Workspace, backbone: str) -> FeatureMatrix:
+    rows = _stored_rows(
+        workspace, backbone, "i.id, i.relpath, i.sha256, s.file, f.row, s.n_rows, s.dim"
+    )
     if not rows:
         return FeatureMatrix(backbone, np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32))
     # One fancy-indexing copy per shard instead of one Python-level copy per row.
@@ -406,17 +414,7 @@ def load_top_classes(
         companion file (extracted before class probabilities were kept, or by a backbone without
         a classifier) are absent.
     """
-    with workspace.read() as conn:
-        rows = conn.execute(
-            """
-            SELECT i.id, s.file, f.row FROM image_catalog AS i
-            JOIN features AS f ON f.backbone = ? AND f.sha256 = i.sha256
-            JOIN feature_shards AS s ON s.id = f.shard_id
-            WHERE i.status = 'ok'
-            ORDER BY i.relpath
-            """,
-            (backbone,),
-        ).fetchall()
+    rows = _stored_rows(workspace, backbone, "i.id, s.file, f.row")
     wanted = None if image_ids is None else {int(i) for i in image_ids}
     ids: list[int] = []
     tops: list[np.ndarray] = []

@@ -46,7 +46,7 @@ from imgcluster.labels._store import (
     resolve_images,
     session_row,
 )
-from imgcluster.labels.audit import Recorder, actor_name, operation, record
+from imgcluster.labels.audit import Op, Recorder, actor_name, operation, record
 from imgcluster.labels.names import MAX_NAME_LENGTH, validate_name
 from imgcluster.labels.results import Applied, ImageState, Suggestion
 from imgcluster.workspace import Workspace
@@ -507,10 +507,7 @@ def recluster_unconfirmed(
         )
         with operation(workspace, None) as op:
             conn = op.conn
-            now = conn.execute(
-                "SELECT version FROM label_sessions WHERE id = ?", (sid,)
-            ).fetchone()[0]
-            if op.sid != sid or now != version:
+            if not _still_at(op, sid, version):
                 continue
             rec = op.recorder()
             new_ids = _create_cluster_labels(conn, sid, rec, int(n_new))
@@ -587,10 +584,7 @@ def suggest_for_new_images(
         winners, confidences = knn_vote(space[new_rows], space[refs], ref_labels, k)
         with operation(workspace, None) as op:
             conn = op.conn
-            now = conn.execute(
-                "SELECT version FROM label_sessions WHERE id = ?", (sid,)
-            ).fetchone()[0]
-            if op.sid != sid or now != version:
+            if not _still_at(op, sid, version):
                 continue
             new_ids = ids[new_rows].tolist()
             after = {
@@ -639,6 +633,17 @@ def _labeled_states(
             f"this session yet; {hint}"
         )
     return before
+
+
+def _still_at(op: Op, sid: int, version: int) -> bool:
+    """Whether the write transaction ``op`` is on session ``sid`` still at ``version``.
+
+    The slow work (re-clustering, neighbour votes) runs on a read taken before the write
+    transaction; if anyone changed the labels meanwhile its result is stale and the caller
+    retries.
+    """
+    now = op.conn.execute("SELECT version FROM label_sessions WHERE id = ?", (sid,)).fetchone()[0]
+    return op.sid == sid and now == version
 
 
 def _version(expected: object) -> int | None:

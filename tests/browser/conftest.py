@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -196,6 +198,27 @@ def make_label_workspace(path: Path, *, n_strays: int = 4) -> dict[str, object]:
         "empty": by_class[3],
         "strays": [im.relpath for im in strays],
     }
+
+
+@pytest.fixture(scope="module")
+def label_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One `make_label_workspace` per test module (built once, copied by `labws`)."""
+    path = tmp_path_factory.mktemp("label-template") / "ws"
+    return path, make_label_workspace(path)
+
+
+@pytest.fixture()
+def labws(label_template, app_server, request) -> tuple[str, Path, dict]:
+    """A private copy of the template in the server's workspaces folder: (name, path, info).
+
+    Each test gets its own copy, so no test depends on another's clicks.
+    """
+    source, info = label_template
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:60]
+    dest = Path(app_server["workspaces"]) / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, dest)
+    return name, dest, info
 
 
 # -- driving the Label page --------------------------------------------------------------------

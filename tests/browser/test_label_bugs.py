@@ -9,7 +9,6 @@ on another's clicks. What the page shows is checked against what the workspace h
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from tests.browser.conftest import (
     counter,
     label_of_files,
     library_page,
-    make_label_workspace,
     open_label_page,
     pick_label,
     press_button,
@@ -33,23 +31,6 @@ from tests.browser.conftest import (
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 SESSION_STATE_WARNING = "created with a default value but also had its value set via"
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    path = tmp_path_factory.mktemp("label-template") / "ws"
-    return path, make_label_workspace(path)
-
-
-@pytest.fixture()
-def labws(template, app_server, request) -> tuple[str, Path, dict]:
-    """A private copy of the template in the server's workspaces folder: (name, path, info)."""
-    source, info = template
-    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:60]
-    dest = Path(app_server["workspaces"]) / name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source, dest)
-    return name, dest, info
 
 
 def _assert_shows_label(page, path: Path, label: str) -> None:

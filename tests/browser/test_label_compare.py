@@ -8,8 +8,6 @@ the chooser never offers the label shown or an empty label.
 from __future__ import annotations
 
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -18,7 +16,6 @@ from tests.browser.conftest import (
     chosen_label,
     counter,
     label_of_files,
-    make_label_workspace,
     open_label_page,
     pick_label,
     settle,
@@ -30,22 +27,6 @@ from tests.browser.conftest import (
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 COMPARE = "Compare with"
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    path = tmp_path_factory.mktemp("compare-template") / "ws"
-    return path, make_label_workspace(path)
-
-
-@pytest.fixture()
-def labws(template, app_server, request) -> tuple[str, Path, dict]:
-    source, info = template
-    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:60]
-    dest = Path(app_server["workspaces"]) / name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source, dest)
-    return name, dest, info
 
 
 def compare_options(page) -> list[str]:

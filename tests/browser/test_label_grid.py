@@ -9,8 +9,6 @@ One server for the module; each test works on its own copy of the workspace.
 from __future__ import annotations
 
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +18,6 @@ from tests.browser.conftest import (
     counter,
     label_of_files,
     library_page,
-    make_label_workspace,
     open_label_page,
     pick_label,
     press_button,
@@ -42,21 +39,6 @@ setInterval(() => {
   if (state && window.__last !== state) { window.__runs.push(state); window.__last = state; }
 }, 5);
 """
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    path = tmp_path_factory.mktemp("grid-template") / "ws"
-    return path, make_label_workspace(path)
-
-
-@pytest.fixture()
-def labws(template, app_server, request) -> tuple[str, Path, dict]:
-    source, info = template
-    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:60]
-    dest = Path(app_server["workspaces"]) / name
-    shutil.copytree(source, dest)
-    return name, dest, info
 
 
 def consistent(page) -> int:
