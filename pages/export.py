@@ -152,6 +152,9 @@ def show_result(result: dict) -> None:
             file_name=archive.name,
             mime="application/zip",
             key="export_download",
+            # No rerun: a rerun started by the click would register a new deferred id and
+            # drop this one before the download request reaches the server (seen in CI).
+            on_click="ignore",
             type="primary",
             icon=":material/download:",
         )
