@@ -25,7 +25,14 @@ the oracle reviews its gathered grid, most likely first, and accepts the prefix 
 most actions: one action for the grid plus one per wrong entry in it, against the step-2
 moves of every (label, class) group the accepted entries empty; passes repeat while a grid
 pays, at most 3), over ``--seeds`` KMeans seeds; it prints
-mean and spread of the actions and images per action.
+mean and spread of the actions and images per action. In the app the gathered grid is a
+selection grid with nothing preselected: "Select page" (or a click and a shift-click for a
+prefix), one click per wrong photo to untick it, then "Move"; the oracle counts that as one
+action plus one per unticked photo, as it counts a lasso move as one action.
+A third gather mode, ``true-label probe``, is a bound on what any gather model can do with
+these features: the same oracle and accounting, but the grid ranked by a logistic regression
+trained on the *true* classes (out of fold, so no image scores itself). ``--only`` restricts
+the variants by name (e.g. ``--only refined,fusion``).
 
 With ``--scale N`` it also times the app's queries and a move on a synthetic workspace of N
 images (default 100k) and 50 labels, against the clustering module's own page query
@@ -34,7 +41,7 @@ images (default 100k) and 50 labels, against the clustering module's own page qu
 Usage::
 
     python bench/annotate.py [--workspace /tmp/imgcluster-bench-annotate] [--scale 100000]
-    python bench/annotate.py --workspace WS --variants [--seeds 10]
+    python bench/annotate.py --workspace WS --variants [--seeds 10] [--only refined,fusion]
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ import csv
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -75,7 +84,33 @@ def truth() -> dict[str, str]:
         return {row["path"]: row["label"] for row in csv.DictReader(fh)}
 
 
-def simulate(ws: Workspace, run_id: int, *, use_gather: bool = False) -> dict[str, object]:
+class Gathered(Protocol):
+    """What the oracle reads of a gathered image (`imgcluster.labels.Stray` has it)."""
+
+    image_id: int
+    relpath: str
+    label_id: int
+
+
+#: A gather model: (workspace, gathering label) -> its grid, most likely first.
+Gatherer = Callable[[Workspace, L.LabelSummary], Sequence[Gathered]]
+
+
+def library_gather(ws: Workspace, summary: L.LabelSummary) -> Sequence[Gathered]:
+    """The app's gather (`imgcluster.labels.gather`), one page of 60."""
+    return L.gather(ws, summary.id, limit=PAGE)
+
+
+PAGE = 60
+
+
+def simulate(
+    ws: Workspace,
+    run_id: int,
+    *,
+    use_gather: bool = False,
+    gatherer: Gatherer = library_gather,
+) -> dict[str, object]:
     """The oracle's session; returns the counts printed and written to bench/README.md."""
     classes = truth()
     L.start_session(ws, run_id, actor="oracle", replace=True)
@@ -120,7 +155,7 @@ def simulate(ws: Workspace, run_id: int, *, use_gather: bool = False) -> dict[st
     shown: Counter[str] = Counter()
     if use_gather:
         for _pass in range(3):
-            gathered = _gather_pass(ws, classes, shown if not _pass else Counter())
+            gathered = _gather_pass(ws, classes, shown if not _pass else Counter(), gatherer)
             actions.update(gathered)
             if not gathered["gather"]:
                 break
@@ -171,7 +206,9 @@ def _group_moves(ws: Workspace, classes: dict[str, str], actions: Counter[str]) 
     return picked
 
 
-def _gather_pass(ws: Workspace, classes: dict[str, str], shown: Counter[str]) -> Counter[str]:
+def _gather_pass(
+    ws: Workspace, classes: dict[str, str], shown: Counter[str], gatherer: Gatherer
+) -> Counter[str]:
     """For each label, review its gathered grid (most likely first) and accept the prefix
     that saves the most actions: one action for the grid plus one per wrong entry in it
     (deselected, as fixing it by a move would cost), against the step-2 moves it makes
@@ -183,7 +220,7 @@ def _gather_pass(ws: Workspace, classes: dict[str, str], shown: Counter[str]) ->
     for summary in L.list_labels(ws):
         if summary.name not in names:
             continue
-        strays = L.gather(ws, summary.id, limit=60)
+        strays = gatherer(ws, summary)
         shown["shown"] += len(strays)
         shown["right"] += sum(classes[s.relpath] == summary.name for s in strays)
         if not strays:
@@ -210,23 +247,98 @@ def _gather_pass(ws: Workspace, classes: dict[str, str], shown: Counter[str]) ->
     return done
 
 
-def variants(ws: Workspace, n_seeds: int) -> None:
+class TruthProbe:
+    """The bound: gather ranked by a probe of the *true* classes (no gather model does better
+    with these features than a supervised one, so if this grid does not pay, none will).
+
+    A multinomial logistic regression on the L2-normalised vectors of the session's feature
+    set, trained on labels.csv with 5-fold out-of-fold predictions (an image is never scored
+    by a model that saw it). For the gathering label (named after class ``c``) it offers what
+    `labels.gather` may offer (other labels' normal images, unconfirmed, not moved by hand)
+    whose probability of ``c`` is at least that of the class its label is named after,
+    most likely first, one page.
+    """
+
+    def __init__(self, classes: dict[str, str]) -> None:
+        self.classes = classes
+        self._fitted: dict[str, tuple[dict[str, int], list[str], np.ndarray]] = {}
+
+    def _probabilities(
+        self, ws: Workspace, backbone: str
+    ) -> tuple[dict[str, int], list[str], np.ndarray]:
+        if backbone not in self._fitted:
+            from sklearn.linear_model import LogisticRegression
+            from sklearn.model_selection import StratifiedKFold
+
+            from imgcluster.features import l2_normalize, load_features
+
+            features = load_features(ws, backbone)
+            x = l2_normalize(features.vectors)
+            y = np.array([self.classes[p] for p in features.relpaths])
+            names = sorted(set(y.tolist()))
+            proba = np.zeros((len(y), len(names)))
+            for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(x, y):
+                model = LogisticRegression(C=1.0, max_iter=1000).fit(x[train], y[train])
+                cols = np.searchsorted(names, model.classes_)
+                proba[np.ix_(test, cols)] = model.predict_proba(x[test])
+            row = {path: i for i, path in enumerate(features.relpaths)}
+            self._fitted[backbone] = (row, names, proba)
+        return self._fitted[backbone]
+
+    def __call__(self, ws: Workspace, summary: L.LabelSummary) -> list[L.LabeledImage]:
+        session = L.active_session(ws)
+        assert session is not None
+        row, names, proba = self._probabilities(ws, session.backbone)
+        col = {name: i for i, name in enumerate(names)}
+        if summary.name not in col:
+            return []
+        target = col[summary.name]
+        offered: list[tuple[float, L.LabeledImage]] = []
+        for other in L.list_labels(ws):
+            if other.id == summary.id:
+                continue
+            own = col.get(other.name)
+            for image in L.label_images(ws, other.id, limit=100_000):
+                if image.confirmed or image.by_hand or image.state != "normal":
+                    continue
+                p = proba[row[image.relpath]]
+                if p[target] >= (p[own] if own is not None else 0.0):
+                    offered.append((float(p[target]), image))
+        offered.sort(key=lambda item: -item[0])
+        return [image for _p, image in offered[:PAGE]]
+
+
+def variants(ws: Workspace, n_seeds: int, only: Sequence[str] = ()) -> None:
     """The oracle's actions per pipeline variant, k and gather tool (mean ± std over seeds)."""
     n_classes = len(set(truth().values()))
     fused = f"{BACKBONE}+efficientnet-lite2"
-    grid = [("refined space", BACKBONE, "umap")]
+    grid = [("refined space (Lite0)", BACKBONE, "umap")]
     if feature_counts(ws).get("efficientnet-lite2", 0):
         grid.append(("fusion Lite0+Lite2, refined", fused, "umap"))
-    grid += [("PCA default", BACKBONE, "pca"), ("plain recipe (L2 + KMeans)", BACKBONE, "l2")]
+    grid += [
+        ("PCA default (Lite0)", BACKBONE, "pca"),
+        ("plain recipe (L2 + KMeans)", BACKBONE, "l2"),
+    ]
+    if only:
+        grid = [g for g in grid if any(word.lower() in g[0].lower() for word in only)]
+    probe = TruthProbe(truth())
+    modes: list[tuple[str, Gatherer | None]] = [
+        ("no", None),
+        ("kNN vote (labels.gather)", library_gather),
+        ("true-label probe (bound)", probe),
+    ]
     rows = []
     for name, backbone, preprocess in grid:
         for k in (n_classes, 2 * n_classes):
-            for use_gather in (False, True):
+            for mode, gatherer in modes:
+                use_gather = gatherer is not None
                 totals, per_action, precision, ideal = [], [], [], []
                 start = time.perf_counter()
                 for seed in range(n_seeds):
                     run = cluster(ws, backbone, k, random_state=seed, preprocess=preprocess)
-                    result = simulate(ws, run.id, use_gather=use_gather)
+                    result = simulate(
+                        ws, run.id, use_gather=use_gather, gatherer=gatherer or library_gather
+                    )
                     totals.append(result["total"])
                     per_action.append(result["per_action"])
                     precision.append(result["gather_precision"])
@@ -235,7 +347,7 @@ def variants(ws: Workspace, n_seeds: int) -> None:
                     (
                         name,
                         k,
-                        use_gather,
+                        mode,
                         np.mean(totals),
                         np.std(totals),
                         np.mean(per_action),
@@ -252,11 +364,12 @@ def variants(ws: Workspace, n_seeds: int) -> None:
         "| gather first-page precision | with a perfect gather |"
     )
     print("|---|---|---|---|---|---|---|")
-    for name, k, use_gather, mean, std, ipa, ipa_std, prec, best, _seconds in rows:
+    for name, k, mode, mean, std, ipa, ipa_std, prec, best, _seconds in rows:
+        used = mode != "no"
         print(
-            f"| {name} | {k} | {'yes' if use_gather else 'no'} | {mean:.1f} ± {std:.1f} | "
-            f"{ipa:.1f} ± {ipa_std:.1f} | {f'{prec:.2f}' if use_gather else ''} | "
-            f"{f'{best:.1f}' if use_gather else ''} |"
+            f"| {name} | {k} | {mode} | {mean:.1f} ± {std:.1f} | "
+            f"{ipa:.1f} ± {ipa_std:.1f} | {f'{prec:.2f}' if used else ''} | "
+            f"{f'{best:.1f}' if used else ''} |"
         )
 
 
@@ -315,12 +428,15 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=0, help="Also time queries at N images.")
     parser.add_argument("--variants", action="store_true", help="Oracle per pipeline variant.")
     parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument(
+        "--only", default="", help="Comma-separated words: only the variants whose name has one."
+    )
     args = parser.parse_args()
     if not (DATASET / "labels.csv").exists():
         raise SystemExit(f"{DATASET} not found (it lives in ../shared beside the project)")
     ws, run_id = prepare(args.workspace)
     if args.variants:
-        variants(ws, args.seeds)
+        variants(ws, args.seeds, [w for w in args.only.split(",") if w])
         return
     result = simulate(ws, run_id)
     acts = result["actions"]

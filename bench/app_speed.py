@@ -22,8 +22,14 @@ every-point map: every point in WebGL), so the two are compared under the same m
 The UMAP worker is off (``IMGCLUSTER_UMAP=0``) so it does not compete for the CPU during the
 measurements; the map is the PCA map.
 
+The machine may be shared: besides wall time, each k change and Clusters open also records the
+CPU seconds the server process and the browser (all its processes) spent on it (``/proc``),
+which another job's load barely changes, and the load average is printed at start and end.
+
     .venv/bin/python bench/app_speed.py                 # 1k and 10k, 5 repeats each
     .venv/bin/python bench/app_speed.py --sizes 1000 --repeats 3
+    .venv/bin/python bench/app_speed.py --sizes 10000 --only clusters   # the Clusters page only
+    .venv/bin/python bench/app_speed.py --map-points 1000000   # the map's server side, no browser
 """
 
 from __future__ import annotations
@@ -50,6 +56,70 @@ N_CLASSES = 20
 K = 20
 CHROMIUM = "/usr/bin/chromium"
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+#: A switch Chromium ignores, passed so its processes can be found in ``/proc``.
+BROWSER_TAG = f"--imgcluster-bench={os.getpid()}"
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+# -- CPU time of the server and of the browser -------------------------------------------------
+
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds) of a process, from /proc/<pid>/stat."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _tree_cpu(roots: set[int]) -> float:
+    """CPU seconds of ``roots`` and every live descendant."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _stat(int(entry.name))) is not None:
+            stats[int(entry.name)] = st
+    total, seen, todo = 0.0, set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in stats:
+            continue
+        seen.add(pid)
+        total += stats[pid][1]
+        todo.extend(child for child, (ppid, _) in stats.items() if ppid == pid)
+    return total
+
+
+def browser_pids() -> set[int]:
+    """The Chromium processes started with `BROWSER_TAG` (their children are counted too)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if BROWSER_TAG.encode() in Path(entry, "cmdline").read_bytes():
+                    pids.add(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+class Cpu:
+    """CPU seconds of the server and the browser between `start` and `stop`."""
+
+    server_pid = 0
+
+    def start(self) -> None:
+        self.pids = browser_pids()
+        self.t0 = (_tree_cpu({self.server_pid}), _tree_cpu(self.pids))
+
+    def stop(self, out: dict[str, list[float]], key: str) -> None:
+        server, browser = _tree_cpu({self.server_pid}), _tree_cpu(self.pids)
+        out.setdefault(f"{key}_server_cpu", []).append(server - self.t0[0])
+        out.setdefault(f"{key}_browser_cpu", []).append(browser - self.t0[1])
+
+
+CPU = Cpu()
 
 
 # -- the workspace ----------------------------------------------------------------------------
@@ -204,11 +274,13 @@ def k_change(page, out: dict[str, list[float]], key: str, ks: range) -> None:
     out.setdefault(key, [])
     for k in ks:
         box.fill(str(k))
+        CPU.start()
         t0 = time.perf_counter()
         box.press("Enter")
         idle(page)
         page.get_by_text(f"· {k} labels").first.wait_for(timeout=300_000)
         out[key].append(time.perf_counter() - t0)
+        CPU.stop(out, key)
         print(f"  k -> {k} ({key}): {out[key][-1]:.2f} s", flush=True)
         if page.get_by_role("button", name=f"Start over with k = {k}").count():
             raise RuntimeError("k change asked for confirmation: measure on unedited labels")
@@ -226,19 +298,21 @@ def open_clusters(page, out: dict[str, list[float]], key: str, repeats: int) -> 
     """Open the Clusters page from the sidebar (coming from the Label page), ``repeats`` times."""
     out.setdefault(key, [])
     for _ in range(repeats):
+        CPU.start()
         t0 = time.perf_counter()
         page.get_by_test_id("stSidebarNav").get_by_role("link", name="Clusters").click()
         page.get_by_role("heading", name="Clusters", level=1).wait_for()
         idle(page)
         page.locator('[data-testid="stPlotlyChart"]').first.wait_for()
         out[key].append(time.perf_counter() - t0)
+        CPU.stop(out, key)
         print(f"  open Clusters ({key}): {out[key][-1]:.2f} s", flush=True)
         page.get_by_test_id("stSidebarNav").get_by_role("link", name="Label").click()
         page.get_by_role("heading", name="Label", level=1).wait_for()
         idle(page)
 
 
-def measure(page, url: str, name: str, repeats: int) -> dict[str, list[float]]:
+def measure(page, url: str, name: str, repeats: int, only: str = "all") -> dict[str, list[float]]:
     from imgcluster import labels as lb
     from imgcluster.workspace import Workspace
 
@@ -263,7 +337,7 @@ def measure(page, url: str, name: str, repeats: int) -> dict[str, list[float]]:
         k_change(page, out, "k_points", range(K + 1 + repeats, K + 1 + 2 * repeats))
         every_point(page, False)
     goto_label(page, url, name)
-    for r in range(repeats):
+    for r in range(repeats if only == "all" else 0):
         # click-to-selected (then clear, so each round starts from nothing selected)
         for i in range(3):
             ms, reran = click_to_selected(page, r * 3 + i)
@@ -312,13 +386,16 @@ def measure(page, url: str, name: str, repeats: int) -> dict[str, list[float]]:
     return out
 
 
-def run_size(home: Path, n: int, repeats: int, page_factory) -> dict[str, list[float]]:
+def run_size(
+    home: Path, n: int, repeats: int, page_factory, only: str = "all"
+) -> dict[str, list[float]]:
     name = build_workspace(home, n)
     proc, url = start_server(home)
+    CPU.server_pid = proc.pid
     try:
         page = page_factory()
         try:
-            return measure(page, url, name, repeats)
+            return measure(page, url, name, repeats, only)
         except Exception:
             shot = home.parent / f"app_speed_failed_{n}.png"
             page.screenshot(path=str(shot))
@@ -337,6 +414,10 @@ def report(results: dict[int, dict[str, list[float]]]) -> str:
         ("open Clusters, warm (s)", "clusters", 1.0, "< 1.5 s at 10k"),
         ("open Clusters, first (s)", "clusters_cold", 1.0, ""),
         ("k change (s)", "k", 1.0, "< 1.5 s at 10k"),
+        ("k change, server CPU (s)", "k_server_cpu", 1.0, ""),
+        ("k change, browser CPU (s)", "k_browser_cpu", 1.0, ""),
+        ("open Clusters, warm, server CPU (s)", "clusters_server_cpu", 1.0, ""),
+        ("open Clusters, warm, browser CPU (s)", "clusters_browser_cpu", 1.0, ""),
         ("open Clusters, warm, every point drawn (s)", "clusters_points", 1.0, "(every-point map)"),
         ("k change, every point drawn (s)", "k_points", 1.0, "(every-point map)"),
         ("reruns caused by clicks", "reruns_on_click", 1.0, "0"),
@@ -358,18 +439,77 @@ def report(results: dict[int, dict[str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
+def map_server_side(n: int, n_labels: int = 100) -> None:
+    """The Clusters map's server side at ``n`` points (issue 15 §4), no browser: the figure
+    (density image, sample dots, names at the label centroids) and its JSON, cold (density
+    image computed) then warm; and a box selection, checked against the coordinates."""
+    import logging
+
+    logging.disable(logging.WARNING)  # (Streamlit's caches warn when used outside a server)
+    import plotly.io as pio
+    import plotly.tools
+
+    from imgcluster.projection import Projection
+    from imgcluster.workspace import Workspace
+    from imgcluster_app import clusters_view as cv
+    from imgcluster_app.views import LabelTable
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, n_labels, n)
+    coords = (rng.normal(size=(n_labels, 2))[labels] * 5 + rng.normal(size=(n, 2))).astype(
+        np.float32
+    )
+    ids = np.arange(n, dtype=np.int64) + 1
+    proj = Projection(coords, "pca", True, ids)
+    table = LabelTable([], ids, labels.astype(np.int64), [], 1)
+    with tempfile.TemporaryDirectory(prefix="app-map-") as tmp:
+        ws = Workspace(Path(tmp) / "ws", create=True)
+        for run in ("cold", "warm"):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fig, trace_ids = cv.map_figure(ws, "synthetic", table, proj)
+            spec = pio.to_json(plotly.tools.return_figure_from_figure_or_data(fig, True))
+            print(
+                f"map of {n:,} points, {run}: {time.perf_counter() - t0:.2f} s wall, "
+                f"{time.process_time() - c0:.2f} s CPU; {len(spec) / 1e3:,.0f} kB sent, "
+                f"{sum(map(len, trace_ids)):,} dots, {len(fig.layout.images)} density image"
+            )
+    t0 = time.perf_counter()
+    box = {"selection": {"points": [], "box": [{"x": [0, 3], "y": [-2, 1]}], "lasso": []}}
+    chosen = cv.region_ids(box, proj)
+    inside = (coords[:, 0] >= 0) & (coords[:, 0] <= 3) & (coords[:, 1] >= -2) & (coords[:, 1] <= 1)
+    assert sorted(chosen) == ids[inside].tolist(), "the box missed images inside it"
+    print(f"box selection: {len(chosen):,} images inside, {time.perf_counter() - t0:.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--only",
+        choices=("all", "clusters"),
+        default="all",
+        help="'clusters': only the Clusters page (open, k change), not the Label page",
+    )
+    parser.add_argument(
+        "--map-points",
+        type=int,
+        help="only the map's server side at this many points (no workspace, no browser)",
+    )
     args = parser.parse_args()
+    print(f"load average at start: {os.getloadavg()}", flush=True)
+    if args.map_points:
+        map_server_side(args.map_points)
+        return
     from playwright.sync_api import sync_playwright
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="app-speed-") as tmp, sync_playwright() as pw:
         home = Path(tmp)
         os.environ["BENCH_HOME"] = tmp
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox", BROWSER_TAG]
+        )
 
         def page_factory():
             page = browser.new_context(viewport={"width": 1440, "height": 1000}).new_page()
@@ -378,10 +518,11 @@ def main() -> None:
 
         for n in args.sizes:
             print(f"{n:,} images", flush=True)
-            results[n] = run_size(home, n, args.repeats, page_factory)
+            results[n] = run_size(home, n, args.repeats, page_factory, args.only)
             print(report({n: results[n]}), flush=True)
         browser.close()
     print()
+    print(f"load average at end: {os.getloadavg()}")
     print(report(results))
 
 

@@ -29,7 +29,7 @@ import dataclasses
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -119,11 +119,17 @@ def main() -> None:
     parser.add_argument("--no-umap", action="store_true")
     parser.add_argument("--spaces", type=Path, help="Sweep refined-space settings on WS's vectors.")
     parser.add_argument(
+        "--row",
+        action="append",
+        default=[],
+        help="With --spaces: only the rows whose name contains this text (repeatable).",
+    )
+    parser.add_argument(
         "--k-advice", type=Path, nargs="+", help="suggest_k on these workspaces (truth in labels)"
     )
     args = parser.parse_args()
     if args.spaces is not None:
-        sweep_spaces(args.spaces, args.seeds, args.k)
+        sweep_spaces(args.spaces, args.seeds, args.k, args.row)
         return
     if args.k_advice:
         for path in args.k_advice:
@@ -262,8 +268,9 @@ def _umap(x: np.ndarray, dims: int, nn: int, epochs: int | None, md: float, seed
     return umap_embed(x, dims, random_state=seed, n_neighbors=nn, min_dist=md, n_epochs=epochs)
 
 
-def sweep_spaces(path: Path, n_seeds: int, k: int) -> None:
-    """NMI/ARI/purity (mean ± std over seeds) and seconds per fit of each clustering space."""
+def sweep_spaces(path: Path, n_seeds: int, k: int, only: Sequence[str] = ()) -> None:
+    """NMI/ARI/purity (mean ± std over seeds) and seconds per fit of each clustering space
+    (``only``: the rows whose name contains one of these texts)."""
     from sklearn.cluster import AgglomerativeClustering
 
     from imgcluster.features import l2_normalize
@@ -274,6 +281,8 @@ def sweep_spaces(path: Path, n_seeds: int, k: int) -> None:
     rows: list[list[str]] = []
 
     def measure(name: str, make_labels: Callable[[int], np.ndarray]) -> None:
+        if only and not any(text in name for text in only):
+            return
         start = time.perf_counter()
         runs = [scores(truth, make_labels(s)) for s in seeds]
         per = (time.perf_counter() - start) / n_seeds
@@ -308,6 +317,20 @@ def sweep_spaces(path: Path, n_seeds: int, k: int) -> None:
         measure(
             "fusion Lite0+Lite2, UMAP recipe + KMeans",
             lambda s: kmeans(_umap(fused, 10, 30, None, 0.0, s), s),
+        )
+        # the library's refined space (spaces.REFINED_*: 200 epochs) on each candidate default
+        refined = (10, 30, 200, 0.0)
+        measure(
+            "lite0, refined space (200 epochs) + KMeans",
+            lambda s: kmeans(_umap(lite0, *refined, s), s),
+        )
+        measure(
+            "lite2, refined space (200 epochs) + KMeans",
+            lambda s: kmeans(_umap(lite2, *refined, s), s),
+        )
+        measure(
+            "fusion Lite0+Lite2, refined space (200 epochs) + KMeans",
+            lambda s: kmeans(_umap(fused, *refined, s), s),
         )
         print(f"(fusion as {fused_name}: each normalised, then the concatenation)")
     print()

@@ -13,8 +13,7 @@ built by `imgcluster.migrations`; ``tests/test_architecture.py`` enforces this):
 - ``clusterings``, ``assignments``: `imgcluster.clustering` (readers: `run_info`,
   `run_assignments`, ...);
 - ``projections``: `imgcluster.spaces`;
-- ``label_sessions``, ``labels``, ``image_labels``, ``audit_log``, ``label_geometry``:
-  `imgcluster.labels`.
+- ``label_sessions``, ``labels``, ``image_labels``, ``audit_log``: `imgcluster.labels`.
 
 Examples
 --------

@@ -33,17 +33,25 @@ import contextlib
 import json
 import math
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from imgcluster import spaces
-from imgcluster.errors import InvalidParameter, NotEnoughImages, UnknownCluster, WorkspaceReadOnly
-from imgcluster.features import FeatureMatrix, feature_count, feature_set_id
+from imgcluster.errors import (
+    InvalidParameter,
+    NotEnoughImages,
+    UnknownCluster,
+    WorkspaceCorrupt,
+    WorkspaceReadOnly,
+)
+from imgcluster.features import FeatureMatrix
 from imgcluster.kmeans import (
     ALGORITHMS,
     EXACT_SILHOUETTE_MAX_N,
@@ -256,10 +264,8 @@ def cluster(
     """
     step = _stepper(progress, 5)
     _check_k(k)
-    preprocess = spaces.resolve_preprocess(workspace, backbone, preprocess)
-    with workspace.read() as conn:
-        n = feature_count(conn, backbone)
-        fsid = feature_set_id(conn, backbone)
+    n, fsid = spaces.feature_state(workspace, backbone)  # memoised: O(n) joins at 1M
+    preprocess = spaces.resolve_preprocess(workspace, backbone, preprocess, fsid)
     if n < k:
         raise NotEnoughImages(
             f"{n} images have {backbone} features, fewer than k={k}; run `imgcluster extract` first"
@@ -301,7 +307,37 @@ def cluster(
         seconds,
     )
     step()
-    return load_run(workspace, run_id)
+    # The run as `load_run` would read it back (same rows, order and float32 values), without
+    # reading 1M assignment rows back (~2 s at 1M).
+    return _run_from_result(workspace, run_id, image_ids, result, silhouettes)
+
+
+def _run_from_result(
+    workspace: Workspace,
+    run_id: int,
+    image_ids: np.ndarray,
+    result: KMeansResult,
+    silhouettes: np.ndarray,
+) -> ClusterRun:
+    """The just-stored run from the arrays in memory (rows in the space's relpath order)."""
+    info = run_info(workspace, run_id)
+    return ClusterRun(
+        id=info.id,
+        backbone=info.backbone,
+        k=info.k,
+        algorithm=info.algorithm,
+        random_state=info.random_state,
+        preprocess=info.preprocess,
+        image_ids=np.asarray(image_ids, np.int64),
+        labels=np.asarray(result.labels, np.int64),
+        distances=np.asarray(result.distances, np.float32),
+        silhouettes=np.nan_to_num(np.asarray(silhouettes, np.float32)),
+        margins=np.asarray(result.margins, np.float32),
+        centroids=result.centroids,
+        seconds=info.seconds,
+        created_at=info.created_at,
+        params=info.params,
+    )
 
 
 def _check_k(k: int) -> None:
@@ -363,20 +399,20 @@ def _store_run(
     silhouettes: np.ndarray,
     seconds: float,
 ) -> int:
-    # The centroid file is in place before the row that names it is committed: a crash leaves
-    # at most an orphan file, never a run without centroids.
-    name = f"clustering-{uuid.uuid4().hex}.npy"
-    atomic_write(workspace.runs_dir / name, lambda fh: np.save(fh, result.centroids))
-    rows = zip(
-        image_ids.tolist(),
-        result.labels.tolist(),
-        result.distances.tolist(),
-        silhouettes.tolist(),
-        result.margins.tolist(),
-        strict=True,
-    )
+    # The centroid and arrays files are in place before the row that names them is committed:
+    # a crash leaves at most orphan files, never a run without them.
+    name = f"clustering-{uuid.uuid4().hex}"
+    atomic_write(workspace.runs_dir / f"{name}.npy", lambda fh: np.save(fh, result.centroids))
+    arrays = {
+        "image_ids": np.asarray(image_ids, np.int64),
+        "labels": np.asarray(result.labels, np.int64),
+        "distances": np.asarray(result.distances, np.float32),
+        "silhouettes": np.nan_to_num(np.asarray(silhouettes, np.float32)),
+        "margins": np.asarray(result.margins, np.float32),
+    }
+    atomic_write(workspace.runs_dir / f"{name}.npz", lambda fh: np.savez(fh, **arrays))
     with workspace.transaction() as conn:
-        params = {**params, "used": _next_used(conn)}
+        params = {**params, "used": _next_used(conn), ARRAYS_KEY: f"runs/{name}.npz"}
         cur = conn.execute(
             "INSERT INTO clusterings(backbone, k, algorithm, seed, params, centroids_file, "
             "n_images, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -386,18 +422,73 @@ def _store_run(
                 algorithm,
                 random_state,
                 json.dumps(params),
-                f"runs/{name}",
+                f"runs/{name}.npy",
                 len(image_ids),
                 seconds,
             ),
         )
         run_id = int(cur.lastrowid or 0)
-        conn.executemany(
-            "INSERT INTO assignments(run_id, image_id, cluster, distance, silhouette, margin) "
-            f"VALUES ({run_id}, ?, ?, ?, ?, ?)",
-            rows,
-        )
     return run_id
+
+
+#: ``params`` key of a run's per-image arrays file (runs stored before it have ``assignments``
+#: rows instead). One ``.npz`` of five columns instead of one SQLite row per image: at 1M
+#: images the rows cost 4-6 s of CPU to insert (two B-trees) and ~2 s to read back, most of a
+#: k change (bench/README.md, "1M"); the file costs ~0.1 s each way.
+ARRAYS_KEY = "arrays_file"
+
+
+class _RunArrays:
+    """Per-image arrays of stored runs, memoised (file names are unique, never rewritten)."""
+
+    def __init__(self, size: int = 8) -> None:
+        self._size = size
+        self._items: dict[str, dict[str, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> dict[str, np.ndarray]:
+        key = str(path)
+        with self._lock:
+            found = self._items.get(key)
+        if found is not None:
+            return found
+        try:
+            with np.load(path) as data:
+                found = {name: data[name] for name in data.files}
+            for array in found.values():  # shared by every run read from this file
+                array.setflags(write=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise WorkspaceCorrupt(
+                f"clustering run file {path} is missing or damaged ({type(exc).__name__}); "
+                "cluster again (imgcluster cluster, or the k control) to make a new run"
+            ) from None
+        with self._lock:
+            if len(self._items) >= self._size:
+                self._items.pop(next(iter(self._items)))
+            self._items[key] = found
+        return found
+
+
+_arrays = _RunArrays()
+
+
+def _db_folder(conn: sqlite3.Connection) -> Path:
+    """The workspace folder of an open connection (its main database's folder)."""
+    for row in conn.execute("PRAGMA database_list").fetchall():
+        if row[1] == "main":
+            return Path(row[2]).parent
+    raise WorkspaceCorrupt("connection has no main database file")
+
+
+def _run_arrays(conn: sqlite3.Connection, run_id: int) -> dict[str, np.ndarray] | None:
+    """The run's per-image arrays from its file, or None for a run stored as rows."""
+    row = conn.execute("SELECT params FROM clusterings WHERE id = ?", (int(run_id),)).fetchone()
+    if row is None:
+        raise UnknownCluster(f"no clustering run with id {run_id}")
+    relfile = json.loads(row[0] or "{}").get(ARRAYS_KEY)
+    if relfile is None:
+        return None
+    return _arrays.get(_db_folder(conn) / relfile)
 
 
 def load_run(workspace: Workspace, run_id: int) -> ClusterRun:
@@ -415,6 +506,10 @@ def load_run(workspace: Workspace, run_id: int) -> ClusterRun:
         row = conn.execute("SELECT * FROM clusterings WHERE id = ?", (run_id,)).fetchone()
         if row is None:
             raise UnknownCluster(f"no clustering run with id {run_id}")
+        arrays = _run_arrays(conn, run_id)
+    if arrays is not None:
+        return _run_of(workspace, row, arrays)
+    with workspace.read() as conn:
         cur = conn.execute(
             """
             SELECT a.image_id, a.cluster, a.distance, a.silhouette, a.margin
@@ -451,6 +546,40 @@ def load_run(workspace: Workspace, run_id: int) -> ClusterRun:
         distances=table[:, 2].astype(np.float32),
         silhouettes=np.nan_to_num(table[:, 3]).astype(np.float32),
         margins=table[:, 4].astype(np.float32),
+        centroids=centroids,
+        seconds=float(row["seconds"]),
+        created_at=row["created_at"],
+        params=params,
+    )
+
+
+def _run_of(workspace: Workspace, row: Any, arrays: dict[str, np.ndarray]) -> ClusterRun:
+    """A run stored as an arrays file; rows in the relpath order it was clustered in (images
+    are never deleted from a workspace, so that order holds)."""
+    params = json.loads(row["params"])
+    preprocess = params.get("preprocess", "l2")
+    image_ids, labels = arrays["image_ids"], arrays["labels"]
+    centroids = _load_centroids(
+        workspace,
+        row["centroids_file"],
+        row["backbone"],
+        preprocess,
+        image_ids,
+        labels,
+        int(row["k"]),
+    )
+    return ClusterRun(
+        id=int(row["id"]),
+        backbone=row["backbone"],
+        k=int(row["k"]),
+        algorithm=row["algorithm"],
+        random_state=int(row["seed"]),
+        preprocess=preprocess,
+        image_ids=image_ids,
+        labels=labels,
+        distances=arrays["distances"],
+        silhouettes=arrays["silhouettes"],
+        margins=arrays["margins"],
         centroids=centroids,
         seconds=float(row["seconds"]),
         created_at=row["created_at"],
@@ -499,10 +628,8 @@ def find_run(
 
     ``preprocess=None`` means what `cluster` would use now (the best stored space).
     """
-    preprocess = spaces.resolve_preprocess(workspace, backbone, preprocess)
-    with workspace.read() as conn:
-        n = feature_count(conn, backbone)
-        fsid = feature_set_id(conn, backbone)
+    n, fsid = spaces.feature_state(workspace, backbone)
+    preprocess = spaces.resolve_preprocess(workspace, backbone, preprocess, fsid)
     if not n:
         return None
     concrete = resolve_algorithm(algorithm, n)
@@ -648,6 +775,10 @@ def cluster_members(
     offset: int = 0,
 ) -> list[int]:
     """Image ids of one cluster in typicality order, one page at a time (an indexed query)."""
+    with workspace.read() as conn:
+        arrays = _run_arrays(conn, run_id)
+    if arrays is not None:
+        return _members_of(arrays, cluster, most_typical_first, misfits_only, limit, offset)
     where = "a.run_id = ? AND a.cluster = ?"
     if misfits_only:
         where += f" AND {MISFIT_SQL}"
@@ -665,10 +796,35 @@ def run_assignments(source: Workspace | sqlite3.Connection, run_id: int) -> dict
     """``{image id: cluster}`` of stored run ``run_id``: the public reader of ``assignments``
     for other modules (labels starts a session from it), through the caller's connection."""
     with _reading(source) as conn:
+        arrays = _run_arrays(conn, run_id)
+        if arrays is not None:
+            return dict(zip(arrays["image_ids"].tolist(), arrays["labels"].tolist(), strict=True))
         rows = conn.execute(
             "SELECT image_id, cluster FROM assignments WHERE run_id = ?", (int(run_id),)
         ).fetchall()
     return {int(r[0]): int(r[1]) for r in rows}
+
+
+def _members_of(
+    arrays: dict[str, np.ndarray],
+    cluster: int,
+    most_typical_first: bool,
+    misfits_only: bool,
+    limit: int | None,
+    offset: int,
+) -> list[int]:
+    """`cluster_members` over a run's arrays: the SQL's order (distance, then image id)."""
+    rows = np.flatnonzero(arrays["labels"] == cluster)
+    if misfits_only:
+        keep = misfit_mask(
+            arrays["distances"][rows], arrays["margins"][rows], arrays["silhouettes"][rows]
+        )
+        rows = rows[keep]
+    distance = arrays["distances"][rows].astype(np.float64)
+    ids = arrays["image_ids"][rows]
+    order = np.lexsort((ids, distance if most_typical_first else -distance))
+    stop = None if limit is None else offset + limit
+    return [int(i) for i in ids[order][offset:stop]]
 
 
 def store_partition(
@@ -703,9 +859,8 @@ def store_partition(
     """
     from imgcluster.metrics import sq_distances
 
-    preprocess = spaces.resolve_preprocess(workspace, backbone, preprocess)
-    with workspace.read() as conn:
-        fsid = feature_set_id(conn, backbone)
+    _n, fsid = spaces.feature_state(workspace, backbone)
+    preprocess = spaces.resolve_preprocess(workspace, backbone, preprocess, fsid)
     ids, space = spaces.space_of(workspace, backbone, preprocess, feature_set_key=fsid)
     image_ids = np.array(sorted(assignment), dtype=np.int64)
     missing = np.setdiff1d(image_ids, ids)

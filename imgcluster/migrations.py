@@ -234,6 +234,12 @@ MIGRATIONS: list[tuple[str, str]] = [
             FROM images;
         """,
     ),
+    (
+        "drop_label_geometry",
+        # Geometry is derived in-process now (imgcluster/labels/geometry.py): upserting its
+        # rows inside every move cost 3-4 s at 100k images, so the table goes.
+        "DROP TABLE label_geometry;",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -21,7 +21,6 @@ import numpy as np
 
 from imgcluster import spaces
 from imgcluster.errors import InvalidParameter
-from imgcluster.features import feature_count, feature_set_id
 from imgcluster.space_worker import SpaceJob, space_status, start_background
 from imgcluster.spaces import MAP_PCA, MAP_UMAP, UMAP_MIN_N, pca_2d, umap_embed
 from imgcluster.workspace import Workspace
@@ -86,10 +85,9 @@ def get_projection(workspace: Workspace, backbone: str) -> Projection:
     >>> ws = Workspace("ws")                                          # doctest: +SKIP
     >>> coords, method, ready, ids = get_projection(ws, "efficientnet-lite0")  # doctest: +SKIP
     """
-    with workspace.read() as conn:
-        if not feature_count(conn, backbone):
-            return Projection(np.zeros((0, 2), np.float32), MAP_PCA, True, np.zeros(0, np.int64))
-        fsid = feature_set_id(conn, backbone)
+    n, fsid = spaces.feature_state(workspace, backbone)  # memoised per revision
+    if not n:
+        return Projection(np.zeros((0, 2), np.float32), MAP_PCA, True, np.zeros(0, np.int64))
     umap_map = spaces.load_space(workspace, backbone, MAP_UMAP, fsid)
     if umap_map is not None:
         return Projection(umap_map.coords, MAP_UMAP, True, umap_map.image_ids)

@@ -24,7 +24,6 @@ import numpy as np
 from imgcluster import settings
 from imgcluster._process import acquire, is_locked
 from imgcluster.errors import Busy
-from imgcluster.features import feature_count, feature_set_id
 from imgcluster.spaces import (
     BACKGROUND_METHODS,
     REFINED,
@@ -34,6 +33,7 @@ from imgcluster.spaces import (
     _import_umap,
     _stored_file,
     compute_space,
+    feature_state,
     umap_embed,
 )
 from imgcluster.workspace import Workspace, atomic_write
@@ -89,10 +89,10 @@ def _job_paths(workspace: Workspace, backbone: str, fsid: str) -> tuple[Path, Pa
 
 def _missing(workspace: Workspace, backbone: str) -> tuple[str, list[str]]:
     """The feature set's identity and the background spaces not stored yet, in one read."""
+    n, fsid = feature_state(workspace, backbone)  # memoised per revision: O(n) joins
+    if n < UMAP_MIN_N:
+        return fsid, []
     with workspace.read() as conn:
-        fsid = feature_set_id(conn, backbone)
-        if feature_count(conn, backbone) < UMAP_MIN_N:
-            return fsid, []
         missing = [
             m
             for m in BACKGROUND_METHODS

@@ -42,9 +42,12 @@ from imgcluster import settings
 from imgcluster.errors import InvalidParameter, NotEnoughImages
 from imgcluster.features import (
     FeatureMatrix,
+    FeatureRows,
+    feature_count,
+    feature_rows,
     feature_set_id,
+    features_version,
     l2_normalize,
-    load_features,
 )
 from imgcluster.workspace import Workspace, atomic_write
 
@@ -62,6 +65,8 @@ __all__ = [
     "best_preprocess",
     "compute_space",
     "exact_knn",
+    "feature_state",
+    "feature_state_and_revision",
     "l2_normalize",
     "load_space",
     "pca_reduce",
@@ -94,6 +99,11 @@ BACKGROUND_METHODS = (REFINED, MAP_UMAP)
 
 PCA_COMPONENTS = 64
 
+#: Above this many points PCA is fitted on a seeded sample of this size and applied to every
+#: point block by block, read from the memory-mapped shards (`FeatureRows`): a full fit at 1M x
+#: 1280 would centre a 5 GB copy (bench/README.md, "1M"). Up to it, PCA is fitted on all.
+PCA_FIT_SAMPLE = 50_000
+
 #: The refined space (bench/README.md, "Spaces"): 10-d cosine UMAP, 30 neighbours, min_dist 0,
 #: 200 epochs. On the clothing photos 15 or 50 neighbours, 5 or 20 dims, min_dist 0.1 and
 #: umap's default 500 epochs (below 10k points) all scored within 0.005 NMI (one standard
@@ -115,6 +125,8 @@ UMAP_PCA_MIN_N = 5_000
 #: Above this many points UMAP is fitted on a seeded sample of this size and the rest is
 #: placed by ``transform`` (bench/README.md: quality and time of both at 100k).
 UMAP_FIT_SAMPLE = 50_000
+#: Points placed by one ``transform`` call (memory bound at 1M; see `umap_embed`).
+UMAP_TRANSFORM_CHUNK = 100_000
 #: UMAP fits of this many points get an exact kNN graph (`exact_knn`); below the lower bound
 #: umap computes all distances itself.
 EXACT_KNN_MIN_N = 4_096
@@ -143,13 +155,55 @@ def single_thread() -> Any:
     return threadpool_limits(1)
 
 
+Vectors = np.ndarray | FeatureRows
+
+
+def _rows(vectors: Vectors) -> FeatureRows:
+    """Any vectors as a `FeatureRows` (an array is served as it is, never copied)."""
+    if isinstance(vectors, FeatureRows):
+        return vectors
+    x = np.asarray(vectors, dtype=np.float32)
+    empty = np.zeros(0, np.int64)
+    dim = x.shape[1] if x.ndim == 2 else 0
+    return FeatureRows("", np.arange(len(x)), dim, empty, empty, matrix=x)
+
+
+def _array(vectors: Vectors) -> np.ndarray:
+    """Every row in memory (for sets small enough to fit on all)."""
+    if isinstance(vectors, FeatureRows):
+        return vectors.take(np.arange(len(vectors)))
+    return np.asarray(vectors, dtype=np.float32)
+
+
+def sample_rows(n: int, size: int, random_state: int = 0) -> np.ndarray:
+    """Sorted seeded sample of ``size`` row indices out of ``n`` (all of them if fewer)."""
+    if n <= size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(random_state).choice(n, size, replace=False))
+
+
 def pca_reduce(
-    vectors: np.ndarray, n_components: int, *, whiten: bool = False, random_state: int = 0
+    vectors: Vectors,
+    n_components: int,
+    *,
+    whiten: bool = False,
+    random_state: int = 0,
+    normalize: bool = False,
 ) -> np.ndarray:
-    """PCA to at most ``n_components`` dims (fewer when there are fewer points)."""
+    """PCA to at most ``n_components`` dims (fewer when there are fewer points).
+
+    Up to `PCA_FIT_SAMPLE` points PCA is fitted on all of them; above, on a seeded sample,
+    and applied to every row block by block (`FeatureRows` are read from their shards that
+    way), so memory is the output plus one block. ``normalize`` L2-normalises the rows first
+    (block by block too).
+    """
+    if len(vectors) > PCA_FIT_SAMPLE:
+        return _pca_sampled(_rows(vectors), n_components, whiten, random_state, normalize)
     from sklearn.decomposition import PCA
 
-    x = np.asarray(vectors, dtype=np.float32)
+    x = _array(vectors)
+    if normalize:
+        x = l2_normalize(x)
     n_components = max(1, min(n_components, len(x) - 1, x.shape[1]))
     solver = "full" if len(x) <= 2_000 else "randomized"
     pca = PCA(n_components, whiten=whiten, svd_solver=solver, random_state=random_state)
@@ -157,12 +211,39 @@ def pca_reduce(
         return pca.fit_transform(x).astype(np.float32)
 
 
-def pca_2d(vectors: np.ndarray, *, random_state: int = 0) -> np.ndarray:
-    """The instant map: the two leading principal components."""
-    x = l2_normalize(vectors)
-    if len(x) < 3:
-        return np.zeros((len(x), 2), np.float32)
-    coords = pca_reduce(x, 2, random_state=random_state)
+def _pca_sampled(
+    rows: FeatureRows, n_components: int, whiten: bool, random_state: int, normalize: bool
+) -> np.ndarray:
+    """PCA fitted on `PCA_FIT_SAMPLE` seeded rows, then ``(x - mean) @ components`` per block."""
+    from sklearn.decomposition import PCA
+
+    fit_x = rows.take(sample_rows(len(rows), PCA_FIT_SAMPLE, random_state))
+    if normalize:
+        fit_x = l2_normalize(fit_x)
+    n_components = max(1, min(n_components, len(fit_x) - 1, fit_x.shape[1]))
+    pca = PCA(n_components, whiten=whiten, svd_solver="randomized", random_state=random_state)
+    with single_thread():
+        pca.fit(fit_x)
+    del fit_x
+    basis = pca.components_.T.astype(np.float32)
+    if whiten:
+        basis /= np.sqrt(pca.explained_variance_).astype(np.float32)
+    shift = pca.mean_.astype(np.float32) @ basis  # (x - m) B = x B - m B: no centred copy
+    out = np.empty((len(rows), n_components), np.float32)
+    with single_thread():
+        for start, block in rows.blocks():
+            if normalize:
+                block = l2_normalize(block)
+            out[start : start + len(block)] = block @ basis - shift
+    return out
+
+
+def pca_2d(vectors: Vectors, *, random_state: int = 0) -> np.ndarray:
+    """The instant map: the two leading principal components (of a sample, above
+    `PCA_FIT_SAMPLE` points: the map at 1M is fitted on a sample and applied to all)."""
+    if len(vectors) < 3:
+        return np.zeros((len(vectors), 2), np.float32)
+    coords = pca_reduce(vectors, 2, random_state=random_state, normalize=True)
     if coords.shape[1] < 2:
         coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
     return coords
@@ -240,7 +321,7 @@ class _TqdmSink:
 
 
 def umap_embed(
-    vectors: np.ndarray,
+    vectors: Vectors,
     n_components: int = 2,
     *,
     random_state: int = 0,
@@ -259,11 +340,13 @@ def umap_embed(
     """
     import warnings
 
-    x = l2_normalize(vectors)
     metric = "cosine"
-    if len(x) >= UMAP_PCA_MIN_N and x.shape[1] > UMAP_PCA_DIMS:
-        x = pca_reduce(x, UMAP_PCA_DIMS, random_state=random_state)
+    if len(vectors) >= UMAP_PCA_MIN_N and _rows(vectors).dim > UMAP_PCA_DIMS:
+        # Normalised block by block inside: no full-size normalised copy of a big set.
+        x = pca_reduce(vectors, UMAP_PCA_DIMS, random_state=random_state, normalize=True)
         metric = "euclidean"
+    else:
+        x = l2_normalize(_array(vectors))
     umap = _import_umap()
     tqdm_kwds = None
     if progress is not None:
@@ -271,8 +354,7 @@ def umap_embed(
         tqdm_kwds["bar_format"] = "{n}/{total}\n"
     sample = None
     if fit_sample is not None and len(x) > fit_sample:
-        rng = np.random.default_rng(random_state)
-        sample = np.sort(rng.choice(len(x), fit_sample, replace=False))
+        sample = sample_rows(len(x), fit_sample, random_state)
     fit_x = x if sample is None else x[sample]
     n_neighbors = max(2, min(n_neighbors, len(fit_x) - 1))
     # Exact neighbours when no ``transform`` follows (that needs pynndescent's index).
@@ -301,7 +383,11 @@ def umap_embed(
         out = np.empty((len(x), n_components), np.float32)
         rest = np.setdiff1d(np.arange(len(x)), sample)
         out[sample] = fitted
-        out[rest] = model.transform(x[rest]).astype(np.float32)
+        # In chunks: umap's transform of 950k points at once (1M) builds its graph and layout
+        # for all of them together; each point is placed against the fitted sample only (not
+        # the other new points), so chunks change the peak memory and the random draws only.
+        for part in np.array_split(rest, max(1, -(-len(rest) // UMAP_TRANSFORM_CHUNK))):
+            out[part] = model.transform(x[part]).astype(np.float32)
         return out
 
 
@@ -359,15 +445,15 @@ def _shared_knn(x: np.ndarray, n_neighbors: int, metric: str) -> tuple[np.ndarra
     return cached[0][:, :n_neighbors].copy(), cached[1][:, :n_neighbors].copy()
 
 
-def preprocess_vectors(
-    vectors: np.ndarray, preprocess: str, *, random_state: int = 0
-) -> np.ndarray:
+def preprocess_vectors(vectors: Vectors, preprocess: str, *, random_state: int = 0) -> np.ndarray:
     """Map vectors into the clustering space named by ``preprocess`` (blocking, not stored).
 
     Parameters
     ----------
-    vectors : ndarray of shape (n, d)
-        Feature vectors (normalised here again, so raw vectors are fine too).
+    vectors : ndarray of shape (n, d), or FeatureRows
+        Feature vectors (normalised here again, so raw vectors are fine too). Above
+        `PCA_FIT_SAMPLE` rows the PCA spaces are fitted on a sample and applied block by
+        block (no full-size copy is made).
     preprocess : {"l2", "pca", "pca-whiten", "umap"}
         See `PREPROCESSING`.
     random_state : int, default=0
@@ -380,15 +466,16 @@ def preprocess_vectors(
     """
     if preprocess not in PREPROCESSING:
         raise InvalidParameter(f"preprocess={preprocess!r} should be one of {PREPROCESSING}")
-    x = l2_normalize(vectors)
     if preprocess == "l2":
-        return x
+        return l2_normalize(_array(vectors))
     if preprocess in ("pca", "pca-whiten"):
         whiten = preprocess == "pca-whiten"
-        reduced = pca_reduce(x, PCA_COMPONENTS, whiten=whiten, random_state=random_state)
+        reduced = pca_reduce(
+            vectors, PCA_COMPONENTS, whiten=whiten, random_state=random_state, normalize=True
+        )
         return l2_normalize(reduced) if whiten else reduced
     return umap_embed(
-        x,
+        vectors,
         REFINED_COMPONENTS,
         random_state=random_state,
         n_neighbors=REFINED_N_NEIGHBORS,
@@ -402,8 +489,58 @@ def preprocess_vectors(
 
 def feature_set(workspace: Workspace, backbone: str) -> str:
     """`imgcluster.features.feature_set_id` of the workspace's ``backbone`` vectors."""
+    return feature_state(workspace, backbone)[1]
+
+
+_states: dict[tuple[Any, ...], tuple[int, str]] = {}
+_states_lock = threading.Lock()
+
+
+def feature_state(workspace: Workspace, backbone: str) -> tuple[int, str]:
+    """``(feature_count, feature_set_id)`` of ``backbone``, memoised.
+
+    Both are joins over every image (~14 s each at 1M rows under load, bench/README.md
+    "1M"), and a k change, a map poll or a label move needs them. They are recomputed only
+    when the images (`imgcluster.workspace.images_version`: ingest stamps every change) or
+    the stored vectors (`imgcluster.features.features_version`) changed: label writes, which
+    bump the revision, do not change them. The revision is checked first (free).
+    """
+    return feature_state_and_revision(workspace, backbone)[:2]
+
+
+def _db_key(workspace: Workspace) -> tuple[str, int | None]:
+    try:
+        inode: int | None = os.stat(workspace.db_path).st_ino
+    except OSError:
+        inode = None
+    return str(workspace.db_path), inode
+
+
+def feature_state_and_revision(workspace: Workspace, backbone: str) -> tuple[int, str, int]:
+    """`feature_state` and the workspace revision it was checked at."""
+    from imgcluster.workspace import images_version
+
+    db = _db_key(workspace)
+    revision = workspace.revision
+    by_revision = (*db, "revision", revision, backbone)
+    with _states_lock:
+        found = _states.get(by_revision)
+    if found is not None:
+        return (*found, revision)
     with workspace.read() as conn:
-        return feature_set_id(conn, backbone)
+        version = features_version(conn, backbone)
+    by_content = (*db, "content", images_version(workspace), version)
+    with _states_lock:
+        found = _states.get(by_content)
+    if found is None:
+        with workspace.read() as conn:
+            found = (feature_count(conn, backbone), feature_set_id(conn, backbone))
+    with _states_lock:
+        if len(_states) > 64:
+            _states.clear()
+        _states[by_content] = found
+        _states[by_revision] = found
+    return (*found, revision)
 
 
 class _SpaceCache:
@@ -446,28 +583,39 @@ def space_of(
     Memoised per (database, feature set, preprocess); the refined space (``"umap"``) is read
     from the workspace when stored and computed (blocking, with ``progress``) and stored when
     not. ``l2`` is not memoised: one pass over the vectors, and full-width copies of a big set
-    would hold gigabytes. Pass ``features`` when the caller has loaded them already.
+    would hold gigabytes. Pass ``features`` when the caller has loaded them already; otherwise
+    the PCA spaces are computed from the memory-mapped shards block by block (`feature_rows`),
+    so the 5 GB matrix of 1M vectors is never held.
     """
     if preprocess not in PREPROCESSING:
         raise InvalidParameter(f"preprocess={preprocess!r} should be one of {PREPROCESSING}")
     fsid = feature_set_key or feature_set(workspace, backbone)
 
-    def loaded() -> FeatureMatrix:
-        return features if features is not None else load_features(workspace, backbone)
-
     if preprocess == "l2":
-        matrix = loaded()
-        return matrix.image_ids, l2_normalize(matrix.vectors)
+        if features is not None:
+            return features.image_ids, l2_normalize(features.vectors)
+        return _l2_space(feature_rows(workspace, backbone))
 
     def make() -> tuple[np.ndarray, np.ndarray]:
         if preprocess == REFINED_PREPROCESS:
             stored = compute_space(workspace, backbone, REFINED, progress=progress, fsid=fsid)
             return stored.image_ids, stored.coords
-        matrix = loaded()
-        space = preprocess_vectors(matrix.vectors, preprocess, random_state=SPACE_RANDOM_STATE)
-        return matrix.image_ids, space
+        # Read from the shards block by block (no 5 GB matrix at 1M) unless already loaded.
+        source = features.vectors if features is not None else feature_rows(workspace, backbone)
+        ids = features.image_ids if features is not None else source.image_ids
+        space = preprocess_vectors(source, preprocess, random_state=SPACE_RANDOM_STATE)
+        return ids, space
 
     return _cache.get((str(workspace.db_path), backbone, fsid, preprocess), make)
+
+
+def _l2_space(rows: FeatureRows) -> tuple[np.ndarray, np.ndarray]:
+    """Ids and normalised vectors, filled block by block from the shards: one full-size
+    array (`load_features` and then `l2_normalize` would hold two)."""
+    out = np.empty((len(rows), rows.dim), np.float32)
+    for start, block in rows.blocks():
+        out[start : start + len(block)] = l2_normalize(block)
+    return rows.image_ids, out
 
 
 # -- stored spaces ----------------------------------------------------------------------------
@@ -501,8 +649,8 @@ def _stored_file(
 
 def is_stored(workspace: Workspace, backbone: str, method: str, fsid: str | None = None) -> bool:
     """Whether ``method``'s space of the current feature set is stored (no vectors read)."""
+    key = fsid or feature_set(workspace, backbone)
     with workspace.read() as conn:
-        key = fsid or feature_set_id(conn, backbone)
         return _stored_file(conn, workspace, backbone, method, key) is not None
 
 
@@ -512,8 +660,8 @@ def load_space(
     """The stored ``method`` space of the current feature set, or None (nothing computed)."""
     if method not in METHODS:
         raise InvalidParameter(f"method={method!r} should be one of {METHODS}")
+    key = fsid or feature_set(workspace, backbone)
     with workspace.read() as conn:
-        key = fsid or feature_set_id(conn, backbone)
         found = _stored_file(conn, workspace, backbone, method, key)
     if found is None:
         return None
@@ -546,8 +694,8 @@ def _store(
         )
 
 
-def _make(method: str, features: FeatureMatrix, progress: Progress | None) -> StoredSpace:
-    x = features.vectors
+def _make(method: str, features: FeatureRows, progress: Progress | None) -> StoredSpace:
+    x = features
     rs = SPACE_RANDOM_STATE
     if method == MAP_PCA or (method == MAP_UMAP and len(x) < UMAP_MIN_N):
         return StoredSpace(pca_2d(x, random_state=rs), features.image_ids, method, {})
@@ -597,7 +745,7 @@ def compute_space(
     stored = load_space(workspace, backbone, method, key)
     if stored is not None:
         return stored
-    features = load_features(workspace, backbone)
+    features = feature_rows(workspace, backbone)  # vectors read from the shards as needed
     if not len(features):
         raise NotEnoughImages(
             f"no image has {backbone} features in {workspace.path}; run `imgcluster extract` first"
@@ -608,16 +756,21 @@ def compute_space(
     return space
 
 
-def best_preprocess(workspace: Workspace, backbone: str) -> str:
+def best_preprocess(workspace: Workspace, backbone: str, fsid: str | None = None) -> str:
     """The space `imgcluster.clustering.cluster` uses by default: ``"umap"`` once the refined
-    space of the current feature set is stored, `DEFAULT_PREPROCESS` until then."""
-    return REFINED_PREPROCESS if is_stored(workspace, backbone, REFINED) else DEFAULT_PREPROCESS
+    space of the current feature set (``fsid`` when the caller has it) is stored,
+    `DEFAULT_PREPROCESS` until then."""
+    key = fsid or feature_set(workspace, backbone)
+    stored = is_stored(workspace, backbone, REFINED, key)
+    return REFINED_PREPROCESS if stored else DEFAULT_PREPROCESS
 
 
-def resolve_preprocess(workspace: Workspace, backbone: str, preprocess: str | None) -> str:
+def resolve_preprocess(
+    workspace: Workspace, backbone: str, preprocess: str | None, fsid: str | None = None
+) -> str:
     """``preprocess`` checked, or (None) the `best_preprocess` of the current feature set."""
     if preprocess is None:
-        return best_preprocess(workspace, backbone)
+        return best_preprocess(workspace, backbone, fsid)
     if preprocess not in PREPROCESSING:
         raise InvalidParameter(f"preprocess={preprocess!r} should be one of {PREPROCESSING}")
     return preprocess

@@ -561,3 +561,18 @@ def delete_meta(conn: sqlite3.Connection, key: str) -> None:
 check_database_file = _check_file
 short_reason = _reason
 split_sql = _split_sql
+
+
+def images_version(workspace: Workspace) -> tuple[int, int, str]:
+    """A fingerprint of the image list: (rows, largest id, latest change stamp).
+
+    Ingest stamps ``updated_at`` on every image it adds or changes (content, status), so this
+    changes with the images and not with label writes, which bump `Workspace.revision`: the
+    app caches its id -> (relpath, sha256) table on it instead of re-reading every image
+    after each move.
+    """
+    with workspace.read() as conn:
+        row = conn.execute(
+            "SELECT COUNT(*), COALESCE(MAX(id), 0), COALESCE(MAX(updated_at), '') FROM images"
+        ).fetchone()
+    return int(row[0]), int(row[1]), str(row[2])

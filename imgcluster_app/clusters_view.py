@@ -270,8 +270,9 @@ def sizes_figure(table: views.LabelTable):
 #: software-GL browser costs seconds per redraw.
 DENSITY_MIN = 3_000
 #: Points drawn over the density image (hover photos, clicks); a box or lasso selects every
-#: image inside it by its coordinates, drawn or not.
-SAMPLE_POINTS = 1_500
+#: image inside it by its coordinates, drawn or not. The browser's redraw of the map after a k
+#: change grows with it (Chromium, SVG: ~350 ms of main thread at 1,500, ~220 ms at 750).
+SAMPLE_POINTS = 1_000
 #: Up to this many drawn points the map is SVG, not WebGL: a WebGL context costs more to set up
 #: in a software-GL browser than drawing a couple of thousand SVG dots.
 SVG_MAX_POINTS = 2_000
@@ -381,6 +382,19 @@ def _rgb(hex_colour: str) -> tuple[int, int, int]:
     return int(value[0:2], 16), int(value[2:4], 16), int(value[4:6], 16)
 
 
+#: The palette as RGB rows, and the grey of images without a label.
+_PALETTE_RGB = np.array([_rgb(c) for c in views.PALETTE], dtype=np.float64)
+_NO_LABEL_RGB = np.array(_rgb("#bbbbbb"), dtype=np.float64)
+
+
+def label_colours(label_ids: np.ndarray) -> np.ndarray:
+    """Each point's label colour as an RGB row (`views.color`, vectorised: one Python call per
+    point cost more than the density image itself at 10k points)."""
+    colours = _PALETTE_RGB[np.maximum(label_ids, 0) % len(_PALETTE_RGB)]
+    colours[label_ids < 0] = _NO_LABEL_RGB
+    return colours.reshape(-1, 3)
+
+
 def density_rgba(coords: np.ndarray, colours: np.ndarray) -> tuple[np.ndarray, tuple]:
     """An RGBA image of the map: each bin the mean colour of its points' labels, more opaque
     where more points fall (log scale); and its (x_min, x_max, y_min, y_max) extent."""
@@ -407,19 +421,18 @@ def density_rgba(coords: np.ndarray, colours: np.ndarray) -> tuple[np.ndarray, t
 
 @st.cache_data(max_entries=8, show_spinner=False)
 def density_layer(
-    path: str, revision: int, backbone: str, method: str, n: int, _proj, _label_of: dict
+    path: str, revision: int, backbone: str, method: str, n: int, _proj, _labels: np.ndarray
 ) -> dict:
     """The density image as a Plotly layout image (a PNG data URI over the map's extent),
     cached per workspace content, so an unchanged map sends the same bytes."""
     from PIL import Image
 
-    colours = np.array(
-        [_rgb(views.color(lid) if lid >= 0 else "#bbbbbb") for lid in _label_ids(_proj, _label_of)],
-        dtype=np.float64,
-    ).reshape(-1, 3)
+    colours = label_colours(_labels)
     rgba, (x_min, x_max, y_min, y_max) = density_rgba(_proj.coords, colours)
     buf = io.BytesIO()
-    Image.fromarray(rgba, "RGBA").save(buf, format="PNG", optimize=True)
+    # Fast compression: the PNG is remade on every k change and a move; a few KB more on the
+    # loopback cost nothing next to `optimize=True`'s extra passes.
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG", compress_level=1)
     return dict(
         source="data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"),
         xref="x",
@@ -435,17 +448,31 @@ def density_layer(
     )
 
 
-def _label_ids(proj, label_of: dict[int, int]) -> list[int]:
-    return [label_of.get(int(i), -1) for i in proj.image_ids.tolist()]
+def point_labels(proj, table: views.LabelTable) -> np.ndarray:
+    """The label id of each point of the map (-1: no label), aligned with ``proj.image_ids``;
+    one sorted lookup in numpy (a dict per image cost ~1 s at 1M images)."""
+    order = np.argsort(table.image_ids, kind="stable")
+    ids, labels = table.image_ids[order], table.label_ids[order]
+    if not len(ids):
+        return np.full(len(proj.image_ids), -1, dtype=np.int64)
+    pos = np.clip(np.searchsorted(ids, proj.image_ids), 0, len(ids) - 1)
+    return np.where(ids[pos] == proj.image_ids, labels[pos], -1).astype(np.int64)
 
 
-def centroids(proj, label_of: dict[int, int], names: dict[int, str]) -> list[tuple]:
-    """(x, y, name) at each label's median point, over every image (not just the drawn ones)."""
-    labels = np.array(_label_ids(proj, label_of), dtype=np.int64)
+def centroids(proj, labels: np.ndarray, names: dict[int, str]) -> list[tuple]:
+    """(x, y, name) at each label's median point, over every image (not just the drawn ones);
+    ``labels`` is `point_labels`. One sort, then a median per label's slice."""
+    keep = np.flatnonzero(labels >= 0)
+    if not len(keep):
+        return []
+    order = keep[np.argsort(labels[keep], kind="stable")]
+    ordered = labels[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]).tolist()
     out = []
-    for label_id in np.unique(labels[labels >= 0]).tolist():
-        cx, cy = np.median(proj.coords[labels == label_id], axis=0)
-        out.append((float(cx), float(cy), common.plot_text(names.get(label_id, "?"))))
+    for start, stop in zip(starts, [*starts[1:], len(order)], strict=True):
+        cx, cy = np.median(proj.coords[order[start:stop]], axis=0)
+        name = names.get(int(ordered[start]), "?")
+        out.append((float(cx), float(cy), common.plot_text(name)))
     return out
 
 
@@ -457,10 +484,15 @@ def map_figure(
     hover_index: dict[int, int] | None = None,
 ) -> tuple[Any, list]:
     """The map coloured by label with names at the centroids (every point, or above
-    `DENSITY_MIN` a density image plus `SAMPLE_POINTS` dots); and the image ids per trace."""
+    `DENSITY_MIN` a density image plus `SAMPLE_POINTS` dots); and the image ids per trace.
+
+    The traces are plain dicts in a figure made with ``_validate=False``: Plotly's property
+    validation (per point, for the hover data) cost more than everything else the map does
+    on a k change; what is sent is the same JSON. Browser tests read the drawn traces back.
+    """
     import plotly.graph_objects as go
 
-    label_of = dict(zip(table.image_ids.tolist(), table.label_ids.tolist(), strict=True))
+    labels = point_labels(proj, table)
     names = table.name_of()
     rows_by_id = common.image_rows_by_id(*common.ws_key(ws))
     hover = hover_index or {}
@@ -469,27 +501,30 @@ def map_figure(
     shown = drawn_rows(n)
     groups: dict[int, list[int]] = {}
     for row in shown.tolist():
-        groups.setdefault(label_of.get(int(proj.image_ids[row]), -1), []).append(row)
-    fig = go.Figure()
+        groups.setdefault(int(labels[row]), []).append(row)
+    traces: list[dict] = []
     trace_ids: list[list[int]] = []
-    points = go.Scatter if len(shown) <= SVG_MAX_POINTS else go.Scattergl
+    points = "scatter" if len(shown) <= SVG_MAX_POINTS else "scattergl"
     for label_id in sorted(groups, key=lambda lid: (lid < 0, names.get(lid, "").lower())):
         rows = groups[label_id]
         ids = proj.image_ids[rows].tolist()
         xy = proj.coords[rows]
-        fig.add_trace(
-            points(
+        marker = dict(
+            size=5 if dense else 7,
+            color=views.color(label_id) if label_id >= 0 else "#bbbbbb",
+            symbol=marker_symbol(label_id),
+            opacity=0.9 if dense else 0.85,
+        )
+        if dense:
+            marker["line"] = dict(width=0.5, color="white")
+        traces.append(
+            dict(
+                type=points,
                 x=xy[:, 0],
                 y=xy[:, 1],
                 mode="markers",
                 name=common.plot_text(names.get(label_id, "(no label)")),
-                marker=dict(
-                    size=5 if dense else 7,
-                    color=views.color(label_id) if label_id >= 0 else "#bbbbbb",
-                    symbol=marker_symbol(label_id),
-                    opacity=0.9 if dense else 0.85,
-                    line=dict(width=0.5, color="white") if dense else None,
-                ),
+                marker=marker,
                 # User text only ever goes in as data, escaped; never into the template.
                 # (file name, cell in the hover sprite or -1)
                 customdata=[
@@ -499,10 +534,11 @@ def map_figure(
             )
         )
         trace_ids.append(ids)
-    names_at = centroids(proj, label_of, names)
+    names_at = centroids(proj, labels, names)
     if names_at:
-        fig.add_trace(
-            go.Scatter(
+        traces.append(
+            dict(
+                type="scatter",
                 x=[c[0] for c in names_at],
                 y=[c[1] for c in names_at],
                 text=[c[2] for c in names_at],
@@ -514,27 +550,31 @@ def map_figure(
             )
         )
         trace_ids.append([])  # names are not selectable points
+    images = []
     if dense:
         path, revision = common.ws_key(ws)
-        layer = density_layer(path, revision, backbone, proj.method, n, proj, label_of)
-        fig.add_layout_image(layer)
+        images.append(density_layer(path, revision, backbone, proj.method, n, proj, labels))
         note = f" (density; {len(shown):,} sample points for hover; a box selects all inside)"
     else:
         note = f" (a sample of {len(shown):,} shown)" if len(shown) < n else ""
     coords = proj.coords if n else np.zeros((0, 2))
-    axis = dict(showticklabels=False, showgrid=False, zeroline=False, title=None)
-    fig.update_layout(
+    axes = {}
+    for name, column in (("xaxis", 0), ("yaxis", 1)):
+        axes[name] = dict(showticklabels=False, showgrid=False, zeroline=False)
+        if (span := robust_range(coords[:, column]) if n else None) is not None:
+            axes[name]["range"] = span
+    layout = dict(
         height=640,
         margin=dict(l=10, r=10, t=30, b=10),
         dragmode="select",
         uirevision=f"{ws.path}:{backbone}:{proj.method}",  # keep zoom when colours change
         legend=dict(itemsizing="constant"),
-        title=f"{proj.method.upper()} map of {n:,} images{note}",
-        xaxis=dict(axis, range=robust_range(coords[:, 0]) if n else None),
-        yaxis=dict(axis, range=robust_range(coords[:, 1]) if n else None),
+        title=dict(text=f"{proj.method.upper()} map of {n:,} images{note}"),
         plot_bgcolor="white",
+        images=images,
+        **axes,
     )
-    return fig, trace_ids
+    return go.Figure(data=traces, layout=layout, _validate=False), trace_ids
 
 
 HOVER_MAX = 2500

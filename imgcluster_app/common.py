@@ -359,16 +359,39 @@ def image_counts(path: str, revision: int) -> dict[str, int]:
     return workspace(path).image_counts()
 
 
-@st.cache_data(max_entries=16, show_spinner=False)
-def image_rows(path: str, revision: int) -> list[tuple[int, str, str | None]]:
-    """``(id, relpath, sha256)`` of the usable images, by relative path."""
+@st.cache_data(max_entries=64, show_spinner=False)
+def images_version(path: str, revision: int) -> tuple[int, int, str]:
+    """The image list's fingerprint (`imgcluster.workspace.images_version`), looked up once
+    per revision: a label write bumps the revision but leaves the images as they were."""
+    from imgcluster.workspace import images_version as version
+
+    return version(workspace(path))
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _image_rows(path: str, version: tuple[int, int, str]) -> list[tuple[int, str, str | None]]:
+    # Keyed on the images' own fingerprint, not the revision: a move re-reads no image.
+    # (A shared resource, not a copy per call: callers only read it.)
     return [(r.id, r.relpath, r.sha256) for r in workspace(path).images()]
 
 
-@st.cache_data(max_entries=16, show_spinner=False)
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _image_rows_by_id(
+    path: str, version: tuple[int, int, str]
+) -> dict[int, tuple[str, str | None]]:
+    return {i: (rel, sha) for i, rel, sha in _image_rows(path, version)}
+
+
+def image_rows(path: str, revision: int) -> list[tuple[int, str, str | None]]:
+    """``(id, relpath, sha256)`` of the usable images, by relative path (read-only: shared
+    by every session)."""
+    return _image_rows(path, images_version(path, revision))
+
+
 def image_rows_by_id(path: str, revision: int) -> dict[int, tuple[str, str | None]]:
-    """``id -> (relpath, sha256)`` of the usable images."""
-    return {i: (rel, sha) for i, rel, sha in image_rows(path, revision)}
+    """``id -> (relpath, sha256)`` of the usable images (read-only: shared by every
+    session)."""
+    return _image_rows_by_id(path, images_version(path, revision))
 
 
 @st.cache_data(max_entries=16, show_spinner=False)

@@ -114,21 +114,25 @@ class LabelTable:
         return {s.id: s.name for s in self.summaries}
 
 
-@st.cache_data(max_entries=16, show_spinner=False)
+@st.cache_resource(max_entries=6, show_spinner=False)
 def _label_table(path: str, revision: int) -> LabelTable | None:
+    # A shared resource, not a copy per call (a page asks for it several times a rerun):
+    # nobody mutates a LabelTable. Few entries: an old revision's table is never asked again
+    # by a page that is up to date, and one is large on a big workspace.
+    from imgcluster.labels.queries import label_assignment
+
     ws = common.workspace(path)
     try:
         every = lb.list_labels(ws, include_empty=True)
-        rows = lb.current_labels(ws)
+        rows = label_assignment(ws)
         session = lb.active_session(ws)
     except NoLabelSession:
         return None
-    by_name = {s.name: s.id for s in every}
     return LabelTable(
         summaries=[s for s in every if s.count],
-        image_ids=np.array([r.image_id for r in rows], dtype=np.int64),
-        label_ids=np.array([by_name.get(r.label, -1) for r in rows], dtype=np.int64),
-        relpaths=[r.relpath for r in rows],
+        image_ids=np.array([r[0] for r in rows], dtype=np.int64),
+        label_ids=np.array([r[1] for r in rows], dtype=np.int64),
+        relpaths=[r[2] for r in rows],
         version=session.version if session else 0,
         empty=[s.name for s in every if not s.count],
     )

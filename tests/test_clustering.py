@@ -173,13 +173,12 @@ def test_cluster_recovers_classes_and_stores_the_run(ws: Workspace) -> None:
     assert len(run) == 180 and run.sizes.sum() == 180
     assert list(run.sizes) == sorted(run.sizes, reverse=True)
     with ws.read() as conn:
-        n_rows = conn.execute(
-            "SELECT COUNT(*) FROM assignments WHERE run_id = ?", (run.id,)
-        ).fetchone()[0]
         centroids_file = conn.execute(
             "SELECT centroids_file FROM clusterings WHERE id = ?", (run.id,)
         ).fetchone()[0]
-    assert n_rows == 180
+    assigned = C.run_assignments(ws, run.id)
+    assert len(assigned) == 180
+    assert assigned == dict(zip(run.image_ids.tolist(), run.labels.tolist(), strict=True))
     np.testing.assert_array_equal(np.load(ws.path / centroids_file), run.centroids)
 
 
@@ -390,3 +389,45 @@ def test_real_features_k_suggestions_are_a_sane_curve(clothing_ws: Workspace) ->
     assert len(set(result.best)) == 3 and result.confidence in ("high", "medium", "low")
     inertia = np.array(result.inertia)
     assert (np.diff(inertia) < 1e-6).mean() > 0.8 and inertia[-1] < 0.8 * inertia[0]
+
+
+def test_minibatch_on_a_big_set_is_fitted_on_a_sample_and_assigns_every_point(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sklearn.metrics import adjusted_rand_score
+
+    from imgcluster import kmeans as K
+    from imgcluster.metrics import sq_distances
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, 16)) * 4
+    truth = rng.integers(8, size=20_000)
+    x = (centres[truth] + rng.normal(size=(20_000, 16))).astype(np.float32)
+    monkeypatch.setattr(K, "MINIBATCH_FIT_SAMPLE", 2_000)
+    result = K.fit_kmeans(x, 8, algorithm="minibatch", random_state=0)
+    assert adjusted_rand_score(truth, result.labels) > 0.99
+    d2 = sq_distances(x, result.centroids)
+    assert np.array_equal(result.labels, d2.argmin(axis=1))  # every point joins its nearest
+    assert np.allclose(result.distances**2, d2.min(axis=1), rtol=1e-4, atol=1e-4)
+    second = np.sort(d2, axis=1)[:, 1]
+    assert np.allclose(result.margins, np.sqrt(second) - result.distances, atol=1e-3)
+    sizes = np.bincount(result.labels, minlength=8)
+    assert np.all(np.diff(sizes) <= 0)  # numbered by decreasing size
+    again = K.fit_kmeans(x, 8, algorithm="minibatch", random_state=0)
+    assert np.array_equal(again.labels, result.labels)
+
+
+def test_a_run_is_stored_as_one_arrays_file_and_a_lost_one_is_one_clear_error(
+    ws: Workspace,
+) -> None:
+    from imgcluster.errors import WorkspaceCorrupt
+
+    run = C.cluster(ws, BACKBONE, 4)
+    relfile = run.params[C.ARRAYS_KEY]
+    with np.load(ws.path / relfile) as data:
+        assert np.array_equal(data["image_ids"], run.image_ids)
+        assert np.array_equal(data["labels"], run.labels)
+    (ws.path / relfile).unlink()
+    C._arrays._items.clear()  # what a fresh process would see
+    with pytest.raises(WorkspaceCorrupt, match="cluster again"):
+        C.load_run(ws, run.id)

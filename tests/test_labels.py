@@ -691,22 +691,25 @@ def test_nearest_neighbours_by_cosine_without_the_image_and_its_duplicates(
 
 
 def test_app_queries_use_indexes(ws: Workspace) -> None:
-    """The app's reads must stay fast at 100k images: a page walks an index in order (no
-    sort of the label), counts group over an index (no scan of the table)."""
+    """The app's reads must stay fast at 100k-1M images: a page in typicality or misfit
+    order is sorted from the in-process geometry and its rows fetched by primary key, counts
+    group over an index (no scan of the table)."""
+    from imgcluster.labels import queries
+
     with ws.read() as conn:
 
         def plan(sql: str, *args: object) -> str:
             return " ".join(r[-1] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
 
-        typical = plan(L.page_sql("typicality"), 1, 2, 60, 0)
-        worst = plan(L.page_sql("misfit"), 1, 2, 60, 0)
+        by_id = plan(f"{queries.IMAGE_SELECT} WHERE il.session_id = 1 AND il.image_id IN (1, 2)")
         counts = plan(
             "SELECT label_id, COUNT(*) FROM image_labels WHERE session_id = ? GROUP BY label_id",
             1,
         )
-    assert "label_geometry_typical" in typical and "TEMP B-TREE" not in typical
-    assert "label_geometry_fit" in worst and "TEMP B-TREE" not in worst
+    assert "SCAN" not in by_id, by_id
     assert "INDEX" in counts and "TEMP B-TREE" not in counts
+    with pytest.raises(L.ImgclusterError):
+        L.page_sql("typicality")  # only the path order is paged in SQL
 
 
 def test_pages_put_images_without_features_last(ws: Workspace, tmp_path: Path) -> None:

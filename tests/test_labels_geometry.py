@@ -18,16 +18,8 @@ from tests.test_labels import template, ws  # noqa: F401  (fixtures)
 
 
 def _table(workspace: Workspace) -> dict[int, tuple]:
-    with workspace.read() as conn:
-        sid = conn.execute("SELECT id FROM label_sessions WHERE active = 1").fetchone()[0]
-        return {
-            r[0]: (r[1], *(None if v is None else round(v, 4) for v in r[2:5]), r[5], r[6])
-            for r in conn.execute(
-                "SELECT image_id, label_id, distance, margin, silhouette, poor_fit, alt_label_id "
-                "FROM label_geometry WHERE session_id = ?",
-                (sid,),
-            )
-        }
+    """What this process's geometry state says, per labeled image with features."""
+    return geometry.snapshot(workspace)
 
 
 def _token(workspace: Workspace) -> str:
@@ -62,22 +54,39 @@ def test_reads_never_write(ws: Workspace) -> None:  # noqa: F811
         watcher.close()
 
 
-def test_a_rename_or_confirm_touches_no_geometry(ws: Workspace) -> None:  # noqa: F811
+def test_a_rename_touches_no_geometry_and_a_confirm_no_distance(ws: Workspace) -> None:  # noqa: F811
     table, token = _table(ws), _token(ws)
     assert len(table) == 180 and token
     L.rename(ws, "cluster_00", "shoes", actor="alice")
-    L.confirm(ws, "cluster_01", actor="alice")
     assert _token(ws) == token and _table(ws) == table
+    L.confirm(ws, "cluster_01", actor="alice")  # flags change (no misfits), numbers do not
+    assert _token(ws) != token and _table(ws) == table
+    token = _token(ws)
     L.move(ws, [1], "cluster_02", actor="alice")
     assert _token(ws) != token
 
 
+def _grid(workspace: Workspace) -> list:
+    """Everything a reader sees of the geometry: label counts, every label's pages in both
+    measure orders (also mid-label), the misplaced list."""
+    seen: list = [L.list_labels(workspace, include_empty=True)]
+    for summary in seen[0]:
+        for order in ("typicality", "misfit"):
+            seen.append(L.label_images(workspace, summary.id, order=order, limit=500))
+            seen.append(L.label_images(workspace, summary.id, order=order, offset=3, limit=4))
+    seen.append(L.misplaced(workspace, limit=500))
+    return seen
+
+
 def test_incremental_refresh_equals_a_full_recomputation(ws: Workspace) -> None:  # noqa: F811
+    """After every step of a random session, this process's incrementally updated state and
+    everything a reader sees equal, bit for bit, a state built from nothing (a cold
+    process): same numbers, so the same page orders even between near-equal values."""
     rng = random.Random(4)
     ids = [im.id for im in ws.images()]
-    for step in range(25):
+    for step in range(40):
         labels = L.list_labels(ws)
-        choice = step % 5
+        choice = step % 8
         if choice == 0:
             L.move(ws, rng.sample(ids, rng.randint(1, 12)), rng.choice(labels).id, actor="a")
         elif choice == 1:
@@ -86,13 +95,38 @@ def test_incremental_refresh_equals_a_full_recomputation(ws: Workspace) -> None:
             L.set_state(ws, rng.sample(ids, 4), rng.choice(L.STATES), actor="a")
         elif choice == 3 and len(labels) > 4:
             L.merge(ws, [labels[-1].id, labels[-2].id], actor="a")
-        else:
+        elif choice == 4:
+            L.confirm_images(ws, rng.sample(ids, 5), actor="a")
+        elif choice == 5:
+            L.move(ws, rng.sample(ids, 40), rng.choice(labels).id, actor="a")
+        elif choice == 6:
             L.undo(ws, actor="a")
-        incremental = _table(ws)
+        else:
+            L.redo(ws, actor="a")  # the step just undone
+        incremental, seen = _table(ws), _grid(ws)
         # the same numbers from nothing: no cached state, every row recomputed and compared
         geometry._CACHE.clear()
+        assert _table(ws) == incremental, f"step {step}"
+        assert _grid(ws) == seen, f"step {step}"
+        # and a full rebuild inside a transaction (refresh_geometry) agrees too
         L.refresh_geometry(ws)
         assert _table(ws) == incremental, f"step {step}"
+
+
+def test_another_writer_invalidates_this_process_state(ws: Workspace) -> None:  # noqa: F811
+    """A write this process did not make (another annotator process) changes the token: the
+    state held here is not used, the next read rebuilds from the rows."""
+    before = L.label_images(ws, "cluster_00", limit=500)
+    key = (str(ws.db_path), L.active_session(ws).id)
+    held = geometry._CACHE.pop("geometry", key)
+    assert held is not None
+    moved = [im.image_id for im in before[:10]]
+    L.move(ws, moved, "cluster_01", actor="other process")
+    geometry._CACHE.put("geometry", key, held)  # as if this process never saw the move
+    after = L.label_images(ws, "cluster_00", limit=500)
+    assert {im.image_id for im in after} == {im.image_id for im in before} - set(moved)
+    geometry._CACHE.clear()
+    assert L.label_images(ws, "cluster_00", limit=500) == after
 
 
 def test_label_geometry_matches_sklearn() -> None:
@@ -110,8 +144,9 @@ def test_label_geometry_matches_sklearn() -> None:
 
 
 def test_a_workspace_from_before_the_geometry_table_migrates(tmp_path) -> None:
-    """A schema-4 workspace (geometry columns in image_labels, 4-value audit rows) opens:
-    its geometry is copied into label_geometry and an old step can still be undone."""
+    """A schema-4 workspace (geometry columns in image_labels, 4-value audit rows) opens, its
+    stored geometry is not trusted (geometry is derived in-process now: without features
+    there is none, and pages fall back to path order) and an old step can still be undone."""
     import json
     import sqlite3
 
@@ -162,7 +197,32 @@ def test_a_workspace_from_before_the_geometry_table_migrates(tmp_path) -> None:
     old_ws = Workspace(tmp_path / "ws")
     assert old_ws.schema_version == len(MIGRATIONS)
     page = L.label_images(old_ws, "cluster_00")
-    assert [(r.relpath, r.distance) for r in page] == [("img1.png", 0.25), ("img2.png", 0.5)]
+    assert [(r.relpath, r.distance) for r in page] == [("img1.png", None), ("img2.png", None)]
     assert L.list_labels(old_ws)[1].confirmed == 1
     assert L.undo(old_ws, actor="old").summary == "undo move 1 image to 'cluster_01'"
     assert {r.relpath: r.label for r in L.current_labels(old_ws)}["img3.png"] == "cluster_00"
+
+
+def test_images_extracted_after_the_state_was_built_get_labels_and_geometry(
+    ws: Workspace,  # noqa: F811
+    tmp_path,
+) -> None:
+    """The state held here stands for the features it was built from: an image that gets
+    features later is still suggested a label, and then has its geometry (a rebuild, since
+    the state did not know it), exactly as a cold process computes it."""
+    from imgcluster.features import save_vectors
+    from tests.test_labels import BACKBONE, _add_images, _new_png, _own_collection
+
+    L.list_labels(ws)  # this process now holds a state without the new image
+    _add_images(ws, _own_collection(ws, tmp_path), {"late.png": _new_png()})
+    late = ws.image_by_relpath("late.png")
+    neighbour = next(iter(geometry.snapshot(ws)))
+    vector = geometry.session_features(ws, BACKBONE)
+    row = int(np.flatnonzero(vector.image_ids == neighbour)[0])
+    save_vectors(ws, BACKBONE, [late.sha256], vector.vectors[row : row + 1])
+    suggested = L.suggest_for_new_images(ws, actor="alice")
+    assert [s.image_id for s in suggested] == [late.id]
+    held = _table(ws)
+    assert held[late.id][1] is not None  # it has a distance now
+    geometry._CACHE.clear()
+    assert _table(ws) == held

@@ -303,3 +303,126 @@ def test_the_map_reuses_the_refined_spaces_knn_graph_without_sharing_its_arrays(
     expected, expected_d = S.exact_knn(x, 15, "euclidean")
     np.testing.assert_array_equal(again, expected)
     np.testing.assert_allclose(dist, expected_d)
+
+
+# -- big sets: sample fits, shards read block by block (issue 15 §3/§4) ------------------------
+
+
+def _sharded_workspace(path: Path, batches: int = 3) -> Workspace:
+    """`_workspace`'s vectors stored in several shards, as an extraction in batches would."""
+    ws = Workspace(path, create=True)
+    ingest(ws, FMNIST / "images")
+    truth = _truth()
+    classes = sorted(set(truth.values()))
+    images = ws.images()
+    rng = np.random.default_rng(1)
+    centres = np.eye(32)[: len(classes)] * 2.0
+    vectors = np.array(
+        [
+            centres[classes.index(truth[im.relpath])] + rng.normal(scale=0.4, size=32)
+            for im in images
+        ]
+    )
+    # Shards in an order other than the relpath order, so rows come from several files.
+    order = rng.permutation(len(images))
+    for part in np.array_split(order, batches):
+        save_vectors(ws, BACKBONE, [images[i].sha256 for i in part], vectors[part])
+    return ws
+
+
+def _blobs(n: int, dim: int = 40, k: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, dim)) * 3
+    truth = rng.integers(k, size=n)
+    return (centres[truth] + rng.normal(size=(n, dim))).astype(np.float32), truth
+
+
+def test_feature_rows_serve_load_features_rows_from_the_shards(tmp_path: Path) -> None:
+    from imgcluster.features import feature_rows
+
+    ws = _sharded_workspace(tmp_path / "ws")
+    matrix = load_features(ws, BACKBONE)
+    rows = feature_rows(ws, BACKBONE)
+    assert len(rows.files) == 3
+    assert np.array_equal(rows.image_ids, matrix.image_ids)
+    pick = np.array([0, 5, 61, 120, len(matrix) - 1])
+    assert np.array_equal(rows.take(pick), matrix.vectors[pick])
+    blocks = list(rows.blocks(size=50))
+    assert [start for start, _ in blocks] == list(range(0, len(matrix), 50))
+    assert np.array_equal(np.concatenate([b for _, b in blocks]), matrix.vectors)
+
+
+def test_pca_above_the_fit_sample_is_fitted_on_a_sample_and_applied_to_every_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    from imgcluster.features import l2_normalize
+
+    x, truth = _blobs(3_000)
+    monkeypatch.setattr(S, "PCA_FIT_SAMPLE", 500)
+    out = S.pca_reduce(x, 8, random_state=0, normalize=True)
+    unit = l2_normalize(x)
+    sample = S.sample_rows(len(x), 500, 0)
+    assert len(sample) == 500 and np.all(np.diff(sample) > 0)
+    expected = PCA(8, svd_solver="randomized", random_state=0).fit(unit[sample]).transform(unit)
+    assert out.dtype == np.float32 and out.shape == (3_000, 8)
+    assert np.allclose(out, expected, atol=1e-4)
+    whitened = S.pca_reduce(x, 8, random_state=0, whiten=True)
+    ref = PCA(8, whiten=True, svd_solver="randomized", random_state=0).fit(x[sample])
+    assert np.allclose(whitened, ref.transform(x), atol=1e-3)
+    found = KMeans(5, n_init=4, random_state=0).fit_predict(out)
+    assert v_measure_score(truth, found) > 0.99
+    # The input is never modified (no in-place centring of the caller's rows).
+    assert np.array_equal(x, _blobs(3_000)[0])
+
+
+def test_space_and_map_of_a_big_set_stream_the_shards_and_match_the_loaded_matrix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = _sharded_workspace(tmp_path / "ws")
+    monkeypatch.setattr(S, "PCA_FIT_SAMPLE", 60)  # 180 images: fitted on 60, applied to all
+    matrix = load_features(ws, BACKBONE)
+    ids, space = S.space_of(ws, BACKBONE, "pca")
+    assert np.array_equal(ids, matrix.image_ids)
+    expected = S.preprocess_vectors(matrix.vectors, "pca", random_state=S.SPACE_RANDOM_STATE)
+    assert np.allclose(space, expected, atol=1e-5)
+    l2_ids, l2 = S.space_of(ws, BACKBONE, "l2")
+    assert np.array_equal(l2_ids, matrix.image_ids)
+    assert np.allclose(l2, matrix.vectors, atol=1e-6)
+    proj = P.get_projection(ws, BACKBONE)
+    assert np.array_equal(proj.image_ids, matrix.image_ids)
+    assert np.allclose(proj.coords, S.pca_2d(matrix.vectors), atol=1e-5)
+    run = C.cluster(ws, BACKBONE, 6, preprocess="pca")
+    truth = _truth()
+    relpath = {im.id: im.relpath for im in ws.images()}
+    true = [truth[relpath[int(i)]] for i in run.image_ids]
+    assert v_measure_score(true, run.labels) > 0.9
+
+
+def test_cluster_returns_the_run_exactly_as_it_reads_back(ws: Workspace) -> None:
+    run = C.cluster(ws, BACKBONE, 5)
+    stored = C.load_run(ws, run.id)
+    for name in ("image_ids", "labels", "distances", "silhouettes", "margins", "centroids"):
+        assert np.array_equal(getattr(run, name), getattr(stored, name)), name
+        assert getattr(run, name).dtype == getattr(stored, name).dtype, name
+    assert (run.k, run.preprocess, run.created_at, run.params) == (
+        stored.k,
+        stored.preprocess,
+        stored.created_at,
+        stored.params,
+    )
+
+
+def test_feature_state_follows_new_vectors_and_outlives_other_writes(tmp_path: Path) -> None:
+    ws = _workspace(tmp_path / "ws", n=100)
+    with ws.read() as conn:
+        first = (100, feature_set_id(conn, BACKBONE))
+    assert S.feature_state(ws, BACKBONE) == first
+    C.cluster(ws, BACKBONE, 3)  # a write that bumps the revision and changes no vector
+    assert S.feature_state(ws, BACKBONE) == first
+    images = ws.images()
+    save_vectors(ws, BACKBONE, [images[150].sha256], np.ones((1, 32)))
+    with ws.read() as conn:
+        assert S.feature_state(ws, BACKBONE) == (101, feature_set_id(conn, BACKBONE))

@@ -37,7 +37,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgcluster.backbones import split_feature_set
 from imgcluster.distributed import RayUnavailable
 from imgcluster.errors import FeaturesMismatch, InvalidParameter
 from imgcluster.features import (
@@ -47,9 +46,8 @@ from imgcluster.features import (
     check_fingerprint,
     embed_contents,
     save_vectors,
-    verify_shards,
 )
-from imgcluster.features.pipeline import extraction_locks, extraction_plan
+from imgcluster.features.pipeline import extraction_run
 from imgcluster.images import (
     ExaminedFile,
     IngestPlan,
@@ -432,22 +430,8 @@ def extract(
     stats: JobStats | None = None,
 ) -> ExtractReport:
     """See `imgcluster.distributed.ray_extract`; ``stats`` is filled in if given."""
-    if batch_size < 1:
-        raise InvalidParameter(f"batch_size={batch_size} should be >= 1")
-    members = split_feature_set(backbone)  # an unknown name fails before any work
-    report = ExtractReport(backbone=backbone)
-    started = time.perf_counter()
-    with extraction_locks(workspace, members):
-        report.waited_seconds = time.perf_counter() - started
-        for member in members:
-            report.repaired.extend(verify_shards(workspace, member).damaged)
-        images = workspace.images("ok")
-        candidates, needs = extraction_plan(workspace, members, images)
-        report.total = len(images)
-        report.reused = sum(1 for image in images if image.sha256 not in needs)
-        if progress:
-            progress(0, len(needs))
-        if needs:
+    with extraction_run(workspace, backbone, batch_size, progress) as run:
+        if run.plan.needs:
             options = {
                 "backbone": backbone,
                 "weights": weights if weights in (None, "default") else str(weights),
@@ -455,9 +439,12 @@ def extract(
                 "nearest_resize": nearest_resize,
                 "flip": flip,
             }
-            job = _ExtractJob(workspace, members, candidates, needs, report, stats or JobStats())
+            plan, report = run.plan, run.report
+            job = _ExtractJob(
+                workspace, run.members, plan.candidates, plan.needs, report, stats or JobStats()
+            )
             job.run(options, address, batch_size, progress, max_actors, cpus_per_actor)
-    return report
+    return run.report
 
 
 class _ExtractJob:

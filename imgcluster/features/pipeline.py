@@ -163,26 +163,11 @@ def extract(
     >>> extract(ws).extracted                            # doctest: +SKIP
     180
     """
-    if batch_size < 1:
-        raise InvalidParameter(f"batch_size={batch_size} should be >= 1")
     extractor = _extractor(backbone, weights, runtime, nearest_resize, flip)
-    name = extractor.backbone
-    members = split_feature_set(name)  # an unknown name fails before any work
-    report = ExtractReport(backbone=name)
-    started = time.perf_counter()
-    with _member_locks(workspace, members):
-        report.waited_seconds = time.perf_counter() - started
-        for member in members:
-            report.repaired.extend(verify_shards(workspace, member).damaged)
-        images = workspace.images("ok")
-        plan = _plan(workspace, members, images)
-        report.total = len(images)
-        report.reused = sum(1 for im in images if im.sha256 not in plan.needs)
-        if progress:
-            progress(0, len(plan.todo))
-        if plan.todo:
-            _run(workspace, extractor, plan, report, batch_size, progress, workers)
-    return report
+    with extraction_run(workspace, extractor.backbone, batch_size, progress) as run:
+        if run.plan.todo:
+            _run(workspace, extractor, run.plan, run.report, batch_size, progress, workers)
+    return run.report
 
 
 def _extractor(
@@ -371,19 +356,36 @@ def embed_contents(
     )
 
 
-def extraction_locks(
-    workspace: Workspace, members: Sequence[str]
-) -> contextlib.AbstractContextManager[None]:
-    """The per-backbone extraction locks local `extract` holds: another engine (Ray) takes
-    the same ones, so two extractions of one backbone never run at once."""
-    return _member_locks(workspace, members)
+@dataclass
+class ExtractionRun:
+    """An extraction under way: its report so far and what is left to compute."""
+
+    members: list[str]
+    report: ExtractReport
+    plan: _Plan
 
 
-def extraction_plan(
-    workspace: Workspace, members: Sequence[str], images: list[ImageRecord]
-) -> tuple[dict[str, list[str]], dict[str, list[bool]]]:
-    """What local `extract` would do, for another engine: content hash -> its files (relpath
-    order), and content hash -> per member whether its vector is missing (only contents that
-    lack one)."""
-    plan = _plan(workspace, members, images)
-    return plan.candidates, plan.needs
+@contextlib.contextmanager
+def extraction_run(
+    workspace: Workspace, name: str, batch_size: int, progress: Progress | None
+) -> Iterator[ExtractionRun]:
+    """Start an extraction of feature set ``name`` the way every engine starts one: check the
+    parameters, hold each member's extraction lock (another engine, e.g. Ray, takes the same
+    ones, so two extractions of one backbone never run at once), repair damaged shards, and
+    plan the distinct contents that lack a vector, filling the report's counts."""
+    if batch_size < 1:
+        raise InvalidParameter(f"batch_size={batch_size} should be >= 1")
+    members = split_feature_set(name)  # an unknown name fails before any work
+    report = ExtractReport(backbone=name)
+    started = time.perf_counter()
+    with _member_locks(workspace, members):
+        report.waited_seconds = time.perf_counter() - started
+        for member in members:
+            report.repaired.extend(verify_shards(workspace, member).damaged)
+        images = workspace.images("ok")
+        plan = _plan(workspace, members, images)
+        report.total = len(images)
+        report.reused = sum(1 for image in images if image.sha256 not in plan.needs)
+        if progress:
+            progress(0, len(plan.todo))
+        yield ExtractionRun(list(members), report, plan)

@@ -21,8 +21,8 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +33,15 @@ from imgcluster.workspace import Workspace, atomic_write, delete_meta
 
 __all__ = [
     "FeatureMatrix",
+    "FeatureRows",
     "ShardCheck",
     "check_fingerprint",
     "delete_features",
     "feature_count",
     "feature_counts",
+    "feature_rows",
     "feature_set_id",
+    "features_version",
     "l2_normalize",
     "load_features",
     "load_top_classes",
@@ -71,10 +74,22 @@ class FeatureMatrix:
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
-    """Unit-length rows in float32 (a zero row stays zero instead of becoming NaN)."""
+    """Unit-length rows in float32 (a zero row stays zero instead of becoming NaN).
+
+    A new array, written block by block: no float64 or second full-size temporary, which at
+    1M x 1280 would be another 5-10 GB.
+    """
     vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
+    if vectors.ndim != 2:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, 1e-12)
+    out = np.empty(vectors.shape, np.float32)
+    step = max(1, 2**22 // max(1, vectors.shape[1]))  # ~16 MB of rows per block
+    for start in range(0, len(vectors), step):
+        block = vectors[start : start + step]
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block))[:, None]
+        np.divide(block, np.maximum(norms, 1e-12), out=out[start : start + step])
+    return out
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -296,6 +311,105 @@ def _open_shard(workspace: Workspace, file: str, expected: tuple[int, int], dim:
     return np.load(workspace.path / file, mmap_mode="r")
 
 
+@dataclass(frozen=True)
+class FeatureRows:
+    """Where every usable image's vector is stored, without holding the vectors.
+
+    What a space of a big set is computed from (`imgcluster.spaces`): a seeded sample is read
+    with `take`, then every row once, shard-sized block after block (`blocks`), each block's
+    shards memory-mapped only while it is read, so 1M x 1280 float32 (5 GB) is never held
+    (`load_features` holds it). Rows follow `load_features`' order. A fusion has no stored
+    rows: its composed matrix is held (``matrix``) and served the same way.
+    """
+
+    backbone: str
+    image_ids: np.ndarray  # int64 (n,)
+    dim: int
+    shard_of: np.ndarray = field(repr=False)  # int64 (n,): index into ``files``
+    row_of: np.ndarray = field(repr=False)  # int64 (n,): row inside that shard
+    files: tuple[str, ...] = ()
+    shapes: tuple[tuple[int, int], ...] = ()
+    workspace: Workspace | None = field(default=None, repr=False)
+    matrix: np.ndarray | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 vectors of ``rows`` (indices into this order), as a new array."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.matrix is not None:
+            return np.asarray(self.matrix[rows], dtype=np.float32)
+        out = np.empty((len(rows), self.dim), np.float32)
+        shard = self.shard_of[rows]
+        for s in np.unique(shard):
+            where = np.flatnonzero(shard == s)
+            data = self._open(int(s))
+            out[where] = data[self.row_of[rows[where]]]
+            del data
+        return out
+
+    def blocks(self, size: int = 65_536) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, vectors)`` of consecutive blocks of at most ``size`` rows."""
+        for start in range(0, len(self), size):
+            stop = min(len(self), start + size)
+            if self.matrix is not None:
+                yield start, np.asarray(self.matrix[start:stop], dtype=np.float32)
+            else:
+                yield start, self.take(np.arange(start, stop))
+
+    def _open(self, s: int) -> np.ndarray:
+        assert self.workspace is not None
+        return _open_shard(self.workspace, self.files[s], self.shapes[s], self.dim)
+
+
+def feature_rows(workspace: Workspace, backbone: str) -> FeatureRows:
+    """Where the vectors `load_features` would return are, in its row order; reads no vector.
+
+    One query for the ids, shard numbers and rows (no relative paths or hashes: at 1M rows
+    those Python strings alone cost seconds and hundreds of MB). For a fusion, the fused
+    matrix is composed (`load_features`) and held.
+
+    Raises
+    ------
+    FeaturesDamaged
+        As `load_features`, when a block reads a broken shard.
+    """
+    if len(split_feature_set(backbone, validate=False)) > 1:
+        fm = load_features(workspace, backbone)
+        dim = fm.vectors.shape[1] if fm.vectors.ndim == 2 else 0
+        empty = np.zeros(0, np.int64)
+        return FeatureRows(backbone, fm.image_ids, dim, empty, empty, matrix=fm.vectors)
+    with workspace.read() as conn:
+        cur = conn.execute(f"SELECT i.id, f.shard_id, f.row {_STORED_ROWS}", (backbone,))
+        cur.row_factory = None
+        table = np.array(cur.fetchall(), dtype=np.int64).reshape(-1, 3)
+        shards = conn.execute(
+            "SELECT id, file, n_rows, dim FROM feature_shards WHERE backbone = ?", (backbone,)
+        ).fetchall()
+    ids = [int(r[0]) for r in shards]
+    files = tuple(str(r[1]) for r in shards)
+    shapes = tuple((int(r[2]), int(r[3])) for r in shards)
+    if not len(table):
+        empty = np.zeros(0, np.int64)
+        return FeatureRows(backbone, empty, 0, empty, empty, workspace=workspace)
+    lookup = np.full(max(ids) + 1, -1, np.int64)
+    lookup[ids] = np.arange(len(ids))
+    shard_of = lookup[table[:, 1]]
+    used = np.unique(shard_of)
+    dim = shapes[int(used[0])][1]
+    return FeatureRows(
+        backbone,
+        table[:, 0].copy(),
+        dim,
+        shard_of,
+        table[:, 2].copy(),
+        files,
+        shapes,
+        workspace,
+    )
+
+
 def feature_counts(workspace: Workspace) -> dict[str, int]:
     """Number of usable images with a vector, per stored backbone (derived stores left out)."""
     with workspace.read() as conn:
@@ -337,6 +451,27 @@ def feature_set_id(conn: sqlite3.Connection, backbone: str) -> str:
         ).fetchone()
         parts.extend(str(value) for value in (member, *tuple(row)))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def features_version(conn: sqlite3.Connection, backbone: str) -> tuple[object, ...]:
+    """A cheap stamp of a feature set's stored vectors: per member, its shards' count, newest
+    id, total rows and newest file (the ``feature_shards`` table is one row per batch).
+
+    Every change of the ``features`` rows goes with a shard written or deleted in the same
+    transaction (`save_vectors`, `verify_shards`, `delete_features`), so equal stamps mean
+    equal vector rows; with `imgcluster.workspace.images_version` it says when
+    `feature_set_id` (a join over every image, ~14 s at 1M under load) must be recomputed.
+    """
+    parts: list[object] = []
+    for member in split_feature_set(backbone, validate=False):
+        row = conn.execute(
+            "SELECT COUNT(*), MAX(id), TOTAL(n_rows), "
+            "(SELECT file FROM feature_shards WHERE backbone = ? ORDER BY id DESC LIMIT 1) "
+            "FROM feature_shards WHERE backbone = ?",
+            (member, member),
+        ).fetchone()
+        parts.extend((member, *tuple(row)))
+    return tuple(parts)
 
 
 # -- verification -----------------------------------------------------------------------------

@@ -12,11 +12,13 @@ The package, by concern:
 * `imgcluster.labels.ops`: the operations on labels and images;
 * `imgcluster.labels.audit`: the audit log, undo/redo, stale-state checks;
 * `imgcluster.labels.queries`: read-only queries (labels, pages, misfits, progress);
-* `imgcluster.labels.geometry`: typicality and misfits, their table and the package's caches;
+* `imgcluster.labels.geometry`: typicality and misfits (held in process, not in SQLite: its
+  docstring says why) and the package's caches;
 * `imgcluster.labels.gather`: gathering strays from other labels into one.
 
 Tables owned here (no other module reads or writes them with its own SQL): ``label_sessions``,
-``labels``, ``image_labels``, ``audit_log`` and ``label_geometry``. The package reads other
+``labels``, ``image_labels`` and ``audit_log`` (the former ``label_geometry`` table is
+dropped by a migration: geometry is derived in process). The package reads other
 owners' tables through their readers (`imgcluster.clustering.run_info` / ``latest_run`` /
 ``run_assignments``, `imgcluster.workspace.read_collection_root`,
 `imgcluster.features.feature_set_id`) and joins ``images`` for paths and status.

@@ -22,7 +22,7 @@ from typing import Any
 
 from imgcluster import settings
 from imgcluster.errors import NothingToUndo, StaleState
-from imgcluster.labels import geometry
+from imgcluster.labels import geometry, queries
 from imgcluster.labels._store import (
     NOW,
     chunked_rows,
@@ -48,13 +48,15 @@ def actor_name(actor: str | None) -> str:
 
 @dataclass
 class Op:
-    """One write transaction on the active session; recorders register the images they
-    move, so the geometry is refreshed once, before the commit."""
+    """One write transaction on the active session; recorders register the image rows they
+    change (``changes``: image id -> new row, None = deleted), so the geometry is refreshed
+    once, before the commit."""
 
     workspace: Workspace
     conn: sqlite3.Connection
     session: sqlite3.Row
-    moved: set[int] = field(default_factory=set)
+    changes: dict[int, ImageState | None] = field(default_factory=dict)
+    before: dict[int, ImageState | None] = field(default_factory=dict)
     full_geometry: bool = False
 
     @property
@@ -72,7 +74,7 @@ def operation(workspace: Workspace, expected: int | None, *, moves: bool = True)
     ``moves=False`` for operations that never move images (rename, confirm, delete): they
     skip preparing the clustering space, which is otherwise loaded before the write lock.
     """
-    pending = None
+    pending = counts = None
     if moves:
         with workspace.read() as conn:
             active = conn.execute("SELECT * FROM label_sessions WHERE active = 1").fetchone()
@@ -87,11 +89,14 @@ def operation(workspace: Workspace, expected: int | None, *, moves: bool = True)
             )
         op = Op(workspace, conn, session)
         yield op
-        if op.moved or op.full_geometry:
+        if op.changes or op.full_geometry:
             pending = geometry.refresh(
-                workspace, conn, session, None if op.full_geometry else op.moved
+                workspace, conn, session, None if op.full_geometry else op.changes
             )
+        if op.changes:
+            counts = queries.carry_counts(workspace, conn, session, op.before, op.changes)
     geometry.publish(pending)
+    queries.publish_counts(counts)
 
 
 class Recorder:
@@ -170,23 +175,15 @@ class Recorder:
             b = before.get(i)
             entry = self.images.setdefault(i, [b, None])
             entry[1] = a
-            if self.op is not None and _moves(b, a):
-                self.op.moved.add(i)
+            if self.op is not None and b != a:
+                self.op.changes[i] = a
+                self.op.before.setdefault(i, b)
 
     def payload(self) -> dict[str, list]:
         return {
             "labels": [[i, _json(b), _json(a)] for i, (b, a) in self.labels.items() if b != a],
             "images": [[i, _json(b), _json(a)] for i, (b, a) in self.images.items() if b != a],
         }
-
-
-def _moves(before: ImageState | None, after: ImageState | None) -> bool:
-    """True when a change alters the geometry: another label, or in/out of ``normal``."""
-    if (before is None) != (after is None):
-        return True
-    if before is None or after is None:
-        return False
-    return before[0] != after[0] or (before[2] == "normal") != (after[2] == "normal")
 
 
 def _json(value: tuple | None) -> list | None:

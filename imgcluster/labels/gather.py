@@ -10,7 +10,11 @@ clustering space: that space (PCA, and far more the refined UMAP space) is built
 clusters compact, so there a stray's nearest neighbours are the other strays of its own
 cluster and the vote keeps it where it is (the first version: 17 strays over all labels at precision
 0.24 in the refined space; this vote: 90-130 at about 0.3). A logistic-regression probe
-trained out of fold on the current labels ranked no better (0.27-0.38) at 10-100x the cost.
+trained out of fold on the current labels ranked no better (0.27-0.38) at 10-100x the cost, nor
+did one trained on each label's core (its most central 30-70% in the clustering space: 0.14-0.28).
+The features cap any gather model here: a probe trained out of fold on the *true* classes
+reaches 0.38-0.44 on first pages (10 seeds), and the top of this vote's pages (first 5-10:
+~0.4) is already near that (`bench/annotate.py --variants`, "true-label probe (bound)").
 """
 
 from __future__ import annotations
@@ -75,7 +79,8 @@ def gather(
     nobody moved by hand are offered: a suggestion never undoes a person's decision.
     On the 600 clothing photos (labels renamed to their majority class, nothing confirmed,
     k=10, 3 seeds; `bench/annotate.py --variants`), first pages of 60 hold about 0.3 of the
-    label's class (10x the base rate of ~0.03); the first 10 about 0.4.
+    label's class (10x the base rate of ~0.03); the first 10 about 0.4. ``min_score=0.5``
+    (most of the neighbours' vote in this label) shows about a third as many at about 0.42.
 
     Returns
     -------
@@ -88,13 +93,7 @@ def gather(
         sid = int(session["id"])
         target = int(label(conn, sid, label_ref)["id"])
         states = image_states(conn, sid)
-        poor = {
-            int(r[0])
-            for r in conn.execute(
-                "SELECT image_id FROM label_geometry WHERE session_id = ? AND poor_fit = 1",
-                (sid,),
-            )
-        }
+        poor = geometry.poor_fit_ids(workspace, conn, session)
     ids, space = _vectors(workspace, session["backbone"])
     if not len(ids):
         return []

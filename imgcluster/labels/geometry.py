@@ -9,17 +9,39 @@ the simplified centroid one above) and a ``poor_fit`` flag by the clustering mod
 `MISFIT_MIN_LABEL_SIZE` normal images: a label of two hand-picked images has a centre that may
 sit on another label's centre, and comparing against it would flag that whole label.
 
-These numbers are derived data in their own table, ``label_geometry``, owned here:
+Where the numbers live, and why (issue 15 §3: a move of 1,000 images < 1 s at 1M):
 
-* written only by operations that move images (or change whether they are ``normal``), in
-  the operation's own transaction; reads never write, and a rename or a confirm touches
-  no geometry;
-* refreshed incrementally: the in-process state keeps each label's centroid sum and every
-  image's distance to every centroid, so a move of 20 images recomputes the two centroids it
-  changed and one column of distances each, then writes only the rows whose numbers changed;
-* the in-process state is trusted only while it matches the table: each refresh stores a new
-  random ``geometry_token`` in the session row, and a state whose token differs (another
-  process wrote, a transaction rolled back, features were added) is rebuilt from the table.
+* **In this process, not in SQLite.** A move changes two centroids, so the distance of every
+  member of both labels and the margin of every image whose nearest other label is one of
+  them change: tens of thousands of rows at 100k images, hundreds of thousands at 1M.
+  Writing them (the former ``label_geometry`` table, upserted inside each move) cost 3-4 s
+  of every move at 100k, 65% of it in ``executemany`` (profile in bench/README.md,
+  "Labels"). Recomputing the same numbers in numpy costs a fraction of that: the clustering
+  space is small (PCA-64, 256 MB at 1M) and a move recomputes only the changed labels'
+  distance columns (one matrix product each) and the rows whose numbers can change.
+* **State** (`_State`, one per session and process): each label's centroid sum and count, every
+  image's distance to every centroid (n x labels float32, 80 MB at 1M with 20 labels), and
+  the outputs (distance, margin, silhouette, poor fit, nearest other label) plus, mirrored
+  from ``image_labels``, each image's label, ``normal`` and ``confirmed`` flags. Pages are
+  sorted from it (a label's rows by distance or silhouette: an argsort of one label's rows),
+  misfit counts are a bincount, the misplaced list a sort of the poor fits; SQL only fetches
+  the page's rows by primary key.
+* **Kept exactly equal to a recomputation from scratch** (tests/test_labels_geometry.py
+  compares them after every step of a random session): every operation that changes image
+  rows hands its after-values to `refresh` inside its transaction, which updates the flags,
+  the sums of the labels rows left or joined, those labels' distance columns, and the
+  outputs of every row whose own label or nearest other label changed or whose nearest other
+  label could now be a changed one. A change of which labels are "other" candidates (a label
+  crossing `MISFIT_MIN_LABEL_SIZE`), or the exact-silhouette regime, recomputes every row.
+* **Invalidation across processes**: each committed change of image rows stores a new random
+  ``geometry_token`` in the session row; a state is used only while its token equals the
+  session's (read in the same read transaction as the rows a query returns), so another
+  process's write, a rolled-back transaction or a new session make it rebuilt from
+  ``image_labels`` and the space on the next read (a read builds, it never writes). A
+  rename or a label delete changes no image row and keeps the token.
+* **Feature set**: a state stands for the features it was built from. Operations trust it
+  (checking the feature-set identity costs a join of every image: 6 s at 1M) unless they
+  touch an image the state does not know; `refresh_geometry` rebuilds it after new features.
 
 All in-process caches of the labels package live here, in `_CACHE`: feature matrices keyed on
 (database path, feature-set identity), geometry states keyed on (database path, session), label
@@ -28,18 +50,19 @@ counts keyed on (database path, session, images version).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from imgcluster.labels._store import chunked_rows, image_states
-from imgcluster.metrics import centroid_sums, exact_silhouette, sq_distances
+from imgcluster.labels.results import ImageState
+from imgcluster.metrics import exact_silhouette
 
 if TYPE_CHECKING:
     from imgcluster.features import FeatureMatrix
@@ -48,6 +71,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MISFIT_MIN_LABEL_SIZE",
     "label_geometry",
+    "poor_fit_ids",
     "refresh_geometry",
     "session_features",
     "session_space",
@@ -56,8 +80,6 @@ __all__ = [
 #: Labels with fewer ``normal`` images than this are not compared against when telling
 #: misfits: a few hand-picked images make a centre that is no group's yet.
 MISFIT_MIN_LABEL_SIZE = 5
-
-_TOLERANCE = 1e-5  # a stored number closer than this to the new one is not rewritten
 
 
 # -- the one cache ----------------------------------------------------------------------------
@@ -104,6 +126,17 @@ class _Cache:
 
 
 _CACHE = _Cache()
+
+_BLOCK = 16_384  # rows per block of a distance column (fixed: results do not depend on it)
+
+
+def _fixed_point_scale(space: np.ndarray) -> float:
+    """The power of two that puts coordinates on an int64 grid with room for a sum over every
+    row (at most 2^-40 apart: far below float32 resolution at these magnitudes)."""
+    n = max(len(space), 1)
+    top = float(np.abs(space).max()) if space.size else 0.0
+    bits = 62 - int(np.ceil(np.log2(n + 1))) - max(0, int(np.ceil(np.log2(top + 1e-30))))
+    return float(2.0 ** min(bits, 40))
 
 
 # -- features and the clustering space ---------------------------------------------------------
@@ -164,7 +197,9 @@ def session_space(
 def space_rows(
     workspace: Workspace, session: sqlite3.Row, image_ids: Iterable[int] | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The given images that have features (all with features if None), and their points."""
+    """The given images that have features (all with features if None), and their points,
+    in the current feature set (images extracted since the geometry state was built count:
+    suggesting labels for them is what this is for)."""
     ids, space, _key = session_space(workspace, session["backbone"], session["run_id"])
     if image_ids is None:
         return ids, space
@@ -189,61 +224,115 @@ def label_geometry(space: np.ndarray, label_ids: np.ndarray, normal: np.ndarray)
         Rows whose state is ``normal`` (only they make centroids).
     """
     state = _State.build(space, np.asarray(label_ids, np.int64), np.asarray(normal, bool))
-    return state.outputs()
+    return state.out.copy()
 
 
 @dataclass
 class _State:
-    """Centroid sums per label column and every row's distance to every centroid."""
+    """Centroid sums per label column, every row's distance to every centroid, and the
+    outputs of every row, kept current by `update`."""
 
     space: np.ndarray
     label_of: np.ndarray  # label id per row, -1 = no label
     normal: np.ndarray
+    confirmed: np.ndarray
     columns: dict[int, int]
     column_labels: list[int]
-    sums: np.ndarray  # (n_columns, d) float64
+    col: np.ndarray  # column of each row's label, -1 = no label
+    scale: float  # fixed-point scale of the sums (a power of two)
+    sums: np.ndarray  # (n_columns, d) int64: sum of members' round(x * scale), exact
     counts: np.ndarray  # (n_columns,)
     dist: np.ndarray  # (n, n_columns) float32, NaN for columns without a normal image
+    out: np.ndarray  # (n, 5): distance, margin, silhouette, poor fit, nearest other label
+    other_col: np.ndarray  # column of the nearest other reference label, -1 = none
+    other: np.ndarray  # distance to it, inf = none
+    _x_sq: np.ndarray | None = None  # squared norm of each row of the space
 
     @classmethod
-    def build(cls, space: np.ndarray, label_of: np.ndarray, normal: np.ndarray) -> _State:
+    def build(
+        cls,
+        space: np.ndarray,
+        label_of: np.ndarray,
+        normal: np.ndarray,
+        confirmed: np.ndarray | None = None,
+    ) -> _State:
         labels = sorted({int(v) for v in np.unique(label_of) if v >= 0})
         columns = {lab: i for i, lab in enumerate(labels)}
         keys = np.asarray(labels, np.int64)
         col = np.where(label_of >= 0, np.searchsorted(keys, label_of), -1).astype(np.int64)
-        mask = normal & (col >= 0)
         d = space.shape[1] if space.ndim == 2 else 1
-        if labels:
-            sums, counts = centroid_sums(space, np.maximum(col, 0), len(labels), mask)
-        else:
-            sums, counts = np.zeros((0, d)), np.zeros(0, np.int64)
+        sums, counts = np.zeros((len(labels), d), np.int64), np.zeros(len(labels), np.int64)
+        n = len(space)
         state = cls(
             space=space,
-            label_of=label_of.copy(),
-            normal=normal.copy(),
+            label_of=label_of.astype(np.int64, copy=True),
+            normal=normal.astype(bool, copy=True),
+            confirmed=(np.zeros(n, bool) if confirmed is None else confirmed.astype(bool)),
             columns=columns,
             column_labels=labels,
+            col=col,
+            scale=_fixed_point_scale(space),
             sums=sums,
             counts=counts,
-            dist=np.full((len(space), len(labels)), np.nan, np.float32),
+            dist=np.full((n, len(labels)), np.nan, np.float32),
+            out=np.full((n, 5), np.nan),
+            other_col=np.full(n, -1, np.int64),
+            other=np.full(n, np.inf),
         )
+        members = state.normal & (col >= 0)
+        for c in range(len(labels)):
+            rows = np.flatnonzero(members & (col == c))
+            state.counts[c] = len(rows)
+            state.sums[c] = state._fixed(rows).sum(axis=0)
         state._recompute_columns(list(range(len(labels))))
+        state._outputs(None)
         return state
 
+    def _fixed(self, rows: np.ndarray) -> np.ndarray:
+        """``round(x * scale)`` of the given rows, int64 (exact sums in any order)."""
+        block = np.asarray(self.space[rows], dtype=np.float64)
+        return np.rint(block * self.scale).astype(np.int64).reshape(len(rows), self.sums.shape[1])
+
+    # Every number is computed the same way whether one label changed or all were built: a
+    # label's sum is an exact integer sum of its members' fixed-point coordinates (a float
+    # running sum drifts in the last bits; integers do not, in any order), distances come
+    # from one product per fixed block of rows (each entry a dot product over the
+    # dimensions in the same order, whatever the number of columns), then the same
+    # elementwise steps. So an updated state
+    # equals a state built from scratch (the test compares bit for bit), and page orders
+    # agree even between near-equal values.
+
     def _recompute_columns(self, cols: list[int]) -> None:
+        """Distance column of each label column in ``cols`` (NaN without members)."""
         live = [c for c in cols if self.counts[c] > 0]
         for c in cols:
             if self.counts[c] <= 0:
                 self.dist[:, c] = np.nan
-        if live and len(self.space):
-            centroids = (self.sums[live] / self.counts[live, None]).astype(np.float32)
-            self.dist[:, live] = np.sqrt(sq_distances(self.space, centroids))
+        if not live or not len(self.space):
+            return
+        centroids = (self.sums[live] / self.scale / self.counts[live, None]).astype(np.float32)
+        if self._x_sq is None:  # row norms once per state (a pass over the space saved)
+            self._x_sq = np.einsum("ij,ij->i", self.space, self.space)
+        c_sq = np.einsum("ij,ij->i", centroids, centroids)
+        whole = live == list(range(len(self.column_labels)))
+        for start in range(0, len(self.space), _BLOCK):
+            stop = start + _BLOCK
+            d2 = self.space[start:stop] @ centroids.T
+            d2 *= -2.0
+            d2 += self._x_sq[start:stop, None]
+            d2 += c_sq[None, :]
+            np.maximum(d2, 0.0, out=d2)
+            np.sqrt(d2, out=d2)
+            if whole:
+                self.dist[start:stop] = d2
+            else:
+                self.dist[start:stop, live] = d2
 
     def _column(self, label_id: int) -> int:
         if label_id not in self.columns:
             self.columns[label_id] = len(self.column_labels)
             self.column_labels.append(label_id)
-            self.sums = np.vstack([self.sums, np.zeros((1, self.sums.shape[1]))])
+            self.sums = np.vstack([self.sums, np.zeros((1, self.sums.shape[1]), np.int64)])
             self.counts = np.append(self.counts, 0)
             self.dist = np.hstack([self.dist, np.full((len(self.space), 1), np.nan, np.float32)])
         return self.columns[label_id]
@@ -258,84 +347,313 @@ class _State:
         found = keys[order][pos] == label_ids
         return np.where(found, order[pos], -1).astype(np.int64)
 
-    def update(self, rows: np.ndarray, new_labels: np.ndarray, new_normal: np.ndarray) -> None:
-        """Move ``rows`` to ``new_labels`` (-1 = unlabeled): adjust the sums of the labels
-        they leave and join, then recompute only those labels' distance columns."""
+    def _exact_regime(self) -> bool:
+        from imgcluster.clustering import EXACT_SILHOUETTE_MAX_N
+
+        return 0 < int((self.normal & (self.col >= 0)).sum()) <= EXACT_SILHOUETTE_MAX_N
+
+    def update(
+        self,
+        rows: np.ndarray,
+        new_labels: np.ndarray,
+        new_normal: np.ndarray,
+        new_confirmed: np.ndarray,
+    ) -> None:
+        """Give ``rows`` their new label (-1 = unlabeled), ``normal`` and ``confirmed``: adjust
+        the sums of the labels they leave and join, recompute those labels' distance
+        columns, then the outputs of every row whose numbers can have changed."""
+        self.confirmed[rows] = new_confirmed
         old_labels, old_normal = self.label_of[rows], self.normal[rows]
         keep = (old_labels != new_labels) | (old_normal != new_normal)
         rows, new_labels, new_normal = rows[keep], new_labels[keep], new_normal[keep]
         old_labels, old_normal = old_labels[keep], old_normal[keep]
+        if not len(rows):
+            return
+        old_reference = self.counts >= MISFIT_MIN_LABEL_SIZE
         for lab in np.unique(new_labels[new_labels >= 0]).tolist():
             self._column(int(lab))
+        fixed = self._fixed(rows)
         touched: set[int] = set()
-        n_cols = len(self.column_labels)
-        for sign, labs, norm in ((-1.0, old_labels, old_normal), (1.0, new_labels, new_normal)):
+        for sign, labs, norm in ((-1, old_labels, old_normal), (1, new_labels, new_normal)):
             cols = self.columns_of(labs)
             use = (cols >= 0) & norm
             if use.any():
-                sums, counts = centroid_sums(self.space[rows[use]], cols[use], n_cols)
-                self.sums += sign * sums
-                self.counts += int(sign) * counts
+                np.add.at(self.sums, cols[use], sign * fixed[use])
+                np.add.at(self.counts, cols[use], sign)
                 touched.update(np.unique(cols[use]).tolist())
         self.label_of[rows] = new_labels
         self.normal[rows] = new_normal
-        for c in touched:
-            if self.counts[c] <= 0:  # exact zero, not float residue
-                self.sums[c] = 0.0
-                self.counts[c] = 0
-        self._recompute_columns(sorted(touched))
+        self.col[rows] = self.columns_of(new_labels)
+        cols = sorted(touched)
+        self._recompute_columns(cols)
+        reference = self.counts >= MISFIT_MIN_LABEL_SIZE
+        grown = len(reference) - len(old_reference)
+        old_reference = np.concatenate([old_reference, np.zeros(grown, bool)])
+        if (
+            self._exact_regime()
+            or (reference != old_reference).any()
+            or len(cols) * 2 >= len(self.column_labels)
+        ):
+            self._outputs(None)
+            return
+        self._outputs(self._affected(rows, np.asarray(cols, np.int64), reference))
 
-    def outputs(self) -> np.ndarray:
-        """(n, 5): distance, margin, silhouette, poor fit, nearest other label (NaN = none)."""
-        from imgcluster.clustering import EXACT_SILHOUETTE_MAX_N, misfit_mask
+    def _affected(self, moved: np.ndarray, cols: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        """Rows whose outputs can differ after ``cols`` changed: moved rows, members of those
+        labels, rows whose nearest other label is one of them, and rows for which one of them
+        is now at least as near as their nearest other label (ties pick the lower column)."""
+        hit = np.isin(self.col, cols) | np.isin(self.other_col, cols)
+        hit[moved] = True
+        ref_cols = cols[reference[cols]]
+        if len(ref_cols):
+            near = np.nan_to_num(self.dist[:, ref_cols], nan=np.inf)
+            own = self.col[:, None] == ref_cols[None, :]
+            near[own] = np.inf
+            hit |= near.min(axis=1) <= self.other
+        return np.flatnonzero(hit)
+
+    def _outputs(self, rows: np.ndarray | None) -> None:
+        """Recompute the outputs of ``rows`` (None = every row) from the distances."""
+        from imgcluster.clustering import misfit_mask
 
         n = len(self.space)
-        out = np.full((n, 5), np.nan)
+        every = rows is None
+        index: np.ndarray | slice = slice(None) if rows is None else rows
+        m = n if rows is None else len(rows)
+        out = np.full((m, 5), np.nan)
         out[:, 3] = 0
-        if not n or not self.column_labels:
-            return out
-        col = self.columns_of(self.label_of)
-        has = self.counts > 0
-        rows = np.arange(n)
-        safe = np.maximum(col, 0)
-        own = np.where((col >= 0) & has[safe], self.dist[rows, safe], np.nan)
-        out[:, 0] = own
-        reference = self.counts >= MISFIT_MIN_LABEL_SIZE
-        masked = np.where(reference[None, :], self.dist, np.inf)
-        labeled = np.flatnonzero(col >= 0)
-        masked[labeled, col[labeled]] = np.inf
-        masked = np.nan_to_num(masked, nan=np.inf)
-        other_col = masked.argmin(axis=1)
-        other = masked[rows, other_col]
-        defined = ~np.isnan(own) & np.isfinite(other)
-        if not defined.any():
-            return out
-        margin = np.where(defined, other - own, np.nan)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            top = np.maximum(own, other)
-            silhouette = np.where(top > 0, margin / top, 0.0)
-        normal = self.normal & (col >= 0)
-        if 0 < int(normal.sum()) <= EXACT_SILHOUETTE_MAX_N:
-            silhouette[normal] = exact_silhouette(
-                self.space[normal], col[normal], self.counts, reference
-            )
-        silhouette[~defined] = np.nan
-        out[:, 1] = margin
-        out[:, 2] = silhouette
-        out[defined, 3] = misfit_mask(own[defined], margin[defined], silhouette[defined])
-        out[defined, 4] = np.asarray(self.column_labels)[other_col[defined]]
-        return out
+        other_col = np.full(m, -1, np.int64)
+        other_val = np.full(m, np.inf)
+        if m and self.column_labels:
+            col = self.col[index]
+            dist = self.dist[index]
+            has = self.counts > 0
+            r = np.arange(m)
+            safe = np.maximum(col, 0)
+            own = np.where((col >= 0) & has[safe], dist[r, safe], np.nan)
+            out[:, 0] = own
+            reference = self.counts >= MISFIT_MIN_LABEL_SIZE
+            # NaN columns (no normal image) are no reference: the mask turns them to inf
+            masked = np.where(reference[None, :], dist, np.float32(np.inf))
+            labeled = np.flatnonzero(col >= 0)
+            masked[labeled, col[labeled]] = np.inf
+            best = masked.argmin(axis=1)
+            other = masked[r, best]
+            finite = np.isfinite(other)
+            other_col = np.where(finite, best, -1)
+            other_val = other.astype(np.float64)
+            defined = ~np.isnan(own) & finite
+            if defined.any():
+                margin = np.where(defined, other - own, np.nan)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    top = np.maximum(own, other)
+                    silhouette = np.where(top > 0, margin / top, 0.0)
+                if every and self._exact_regime():
+                    normal = self.normal & (self.col >= 0)
+                    silhouette[normal] = exact_silhouette(
+                        self.space[normal], self.col[normal], self.counts, reference
+                    )
+                silhouette[~defined] = np.nan
+                out[:, 1] = margin
+                out[:, 2] = silhouette
+                out[defined, 3] = misfit_mask(own[defined], margin[defined], silhouette[defined])
+                out[defined, 4] = np.asarray(self.column_labels)[best[defined]]
+        self.out[index] = out
+        self.other_col[index] = other_col
+        self.other[index] = other_val
+
+
+# -- the state of a session, as this process holds it -----------------------------------------
 
 
 @dataclass
 class _Entry:
-    """A geometry state and the table contents it stands for."""
+    """A session's geometry state, the token of the ``image_labels`` contents it mirrors, and
+    the feature set (space) it was built from. ``lock`` is held by readers while they use
+    it and by `refresh` while it updates it in place."""
 
-    token: str
+    token: str | None
     space_key: str
-    ids: np.ndarray
+    ids: np.ndarray  # image id per row (the space's order)
     state: _State
-    out: np.ndarray  # what label_geometry holds, per row (NaN rows: no geometry row)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    _order: np.ndarray | None = None
+    _misfits: dict[int, int] | None = None
+
+    def rows_of(self, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the given image ids, and which ids have one."""
+        image_ids = np.asarray(image_ids, np.int64)
+        if self._order is None:
+            self._order = np.argsort(self.ids, kind="stable")
+        if not len(self.ids):
+            return np.zeros(0, np.int64), np.zeros(len(image_ids), bool)
+        sorted_ids = self.ids[self._order]
+        pos = np.minimum(np.searchsorted(sorted_ids, image_ids), len(sorted_ids) - 1)
+        found = sorted_ids[pos] == image_ids
+        return self._order[pos[found]], found
+
+    def geometry_of(self, image_ids: list[int]) -> dict[int, tuple]:
+        """``{image id: (distance, silhouette, poor fit, nearest other label id)}`` for those
+        that have features (None for undefined numbers)."""
+        rows, found = self.rows_of(np.asarray(image_ids, np.int64))
+        found_ids = np.asarray(image_ids, np.int64)[found].tolist()
+        out = self.state.out[rows]
+        result = {}
+        for i, (dist, _margin, sil, poor, alt) in zip(found_ids, out.tolist(), strict=True):
+            result[i] = (
+                None if dist != dist else dist,  # NaN -> None
+                None if sil != sil else sil,
+                bool(poor),
+                None if alt != alt else int(alt),
+            )
+        return result
+
+    def misfit_counts(self) -> dict[int, int]:
+        """Unconfirmed ``normal`` poor fits per label (images with features)."""
+        if self._misfits is None:
+            s = self.state
+            mask = (s.out[:, 3] == 1) & s.normal & ~s.confirmed & (s.label_of >= 0)
+            labs, n = np.unique(s.label_of[mask], return_counts=True)
+            self._misfits = dict(zip(labs.tolist(), n.tolist(), strict=True))
+        return self._misfits
+
+    def ordered(self, label_id: int, order: str) -> np.ndarray:
+        """Image ids of a label with a defined measure, in page order: ascending distance
+        ("typicality") or silhouette ("misfit"), ties by image id."""
+        s = self.state
+        rows = np.flatnonzero(s.label_of == int(label_id))
+        measure = s.out[rows, 0 if order == "typicality" else 2]
+        rows, measure = rows[~np.isnan(measure)], measure[~np.isnan(measure)]
+        return self.ids[rows[np.lexsort((self.ids[rows], measure))]]
+
+    def label_size(self, label_id: int) -> int:
+        """Rows of a label in the state (with features, measured or not)."""
+        return int((self.state.label_of == int(label_id)).sum())
+
+    def misplaced(self, label_id: int | None) -> np.ndarray:
+        """Image ids of unconfirmed ``normal`` poor fits (of one label, or all), worst first."""
+        s = self.state
+        mask = (s.out[:, 3] == 1) & s.normal & ~s.confirmed & (s.label_of >= 0)
+        if label_id is not None:
+            mask &= s.label_of == int(label_id)
+        rows = np.flatnonzero(mask)
+        return self.ids[rows[np.lexsort((self.ids[rows], s.out[rows, 2]))]]
+
+    def poor_fit_ids(self) -> np.ndarray:
+        """Image ids flagged as poor fits (whatever their state or confirmation)."""
+        return self.ids[(self.state.out[:, 3] == 1) & (self.state.label_of >= 0)]
+
+    def apply(self, changes: Mapping[int, ImageState | None]) -> bool:
+        """Mirror committed row changes; False if one of them is an image the state does not
+        know (its features may be new: the caller rebuilds)."""
+        image_ids = np.fromiter(changes, np.int64, len(changes))
+        rows, found = self.rows_of(image_ids)
+        unknown = [i for i, ok in zip(image_ids.tolist(), found.tolist(), strict=True) if not ok]
+        if any(changes[i] is not None for i in unknown):
+            return False
+        after = [changes[i] for i in image_ids[found].tolist()]
+        labels = np.array([-1 if a is None else a[0] for a in after], np.int64)
+        normal = np.array([a is not None and a[2] == "normal" for a in after], bool)
+        confirmed = np.array([a is not None and bool(a[1]) for a in after], bool)
+        self.state.update(rows, labels, normal, confirmed)
+        self._misfits = None
+        return True
+
+
+def _read_rows(
+    conn: sqlite3.Connection, sid: int, ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label, ``normal`` and ``confirmed`` of each of ``ids`` from ``image_labels`` (one query,
+    straight into arrays: a dict of a million tuples costs seconds)."""
+    table = np.array(
+        conn.execute(
+            "SELECT image_id, label_id, state = 'normal', confirmed FROM image_labels "
+            "WHERE session_id = ?",
+            (sid,),
+        ).fetchall(),
+        dtype=np.int64,
+    ).reshape(-1, 4)
+    label_of = np.full(len(ids), -1, np.int64)
+    normal = np.zeros(len(ids), bool)
+    confirmed = np.zeros(len(ids), bool)
+    if len(ids) and len(table):
+        order = np.argsort(ids, kind="stable")
+        pos = np.minimum(np.searchsorted(ids[order], table[:, 0]), len(ids) - 1)
+        hit = ids[order][pos] == table[:, 0]
+        rows = order[pos[hit]]
+        label_of[rows] = table[hit, 1]
+        normal[rows] = table[hit, 2] == 1
+        confirmed[rows] = table[hit, 3] == 1
+    return label_of, normal, confirmed
+
+
+def _build(
+    workspace: Workspace,
+    conn: sqlite3.Connection,
+    session: sqlite3.Row,
+    token: str | None,
+    known: Mapping[int, ImageState | None] | None = None,
+) -> _Entry:
+    """A state from scratch: the session's space and its ``image_labels`` rows as ``conn``
+    sees them (``known``: every row, when the caller just wrote them all)."""
+    ids, space, space_key = session_space(workspace, session["backbone"], session["run_id"], conn)
+    if known is None:
+        label_of, normal, confirmed = _read_rows(conn, int(session["id"]), ids)
+    else:
+        label_of = np.full(len(ids), -1, np.int64)
+        normal, confirmed = np.zeros(len(ids), bool), np.zeros(len(ids), bool)
+        for row, image_id in enumerate(ids.tolist()):
+            value = known.get(image_id)
+            if value is not None:
+                label_of[row], confirmed[row] = value[0], bool(value[1])
+                normal[row] = value[2] == "normal"
+    return _Entry(token, space_key, ids, _State.build(space, label_of, normal, confirmed))
+
+
+@contextlib.contextmanager
+def reading(
+    workspace: Workspace, conn: sqlite3.Connection, session: sqlite3.Row
+) -> Iterator[_Entry]:
+    """The session's geometry as of ``conn``'s read transaction (``session``: its row, read
+    in it), held while the caller uses it. Built (never written) when this process has no
+    state of that token."""
+    key = (str(workspace.db_path), int(session["id"]))
+    token = session["geometry_token"]
+    entry = _CACHE.get("geometry", key)
+    if entry is not None:
+        with entry.lock:
+            if entry.token == token:
+                yield entry
+                return
+    entry = _build(workspace, conn, session, token)
+    current = _CACHE.get("geometry", key)
+    if current is None or current.token != token:
+        _CACHE.put("geometry", key, entry)
+    with entry.lock:
+        yield entry
+
+
+def poor_fit_ids(workspace: Workspace, conn: sqlite3.Connection, session: sqlite3.Row) -> set[int]:
+    """Ids of the session's images flagged as poor fits now (for `imgcluster.labels.gather`)."""
+    with reading(workspace, conn, session) as entry:
+        return set(entry.poor_fit_ids().tolist())
+
+
+def snapshot(workspace: Workspace) -> dict[int, tuple]:
+    """``{image id: (label id, distance, margin, silhouette, poor fit, nearest other label
+    id)}`` of every labeled image with features in the active session: what this process
+    holds (built if it holds nothing). For tests and `imgcluster check`-style comparisons."""
+    from imgcluster.labels._store import session_row
+
+    with workspace.read() as conn:
+        session = session_row(conn)
+        with reading(workspace, conn, session) as entry:
+            s = entry.state
+            rows = np.flatnonzero(s.label_of >= 0)
+            return {
+                int(entry.ids[r]): (int(s.label_of[r]), *(None if v != v else v for v in o))
+                for r, o in zip(rows.tolist(), s.out[rows].tolist(), strict=True)
+            }
 
 
 # -- refresh (inside an operation's transaction) ----------------------------------------------
@@ -343,43 +661,51 @@ class _Entry:
 
 @dataclass
 class Pending:
-    """A refreshed state, published to the cache once its transaction committed."""
+    """A refreshed state (None: none held) and its new token, published to the cache once
+    its transaction committed."""
 
     key: tuple
-    entry: _Entry
+    entry: _Entry | None
+    token: str
 
 
 def refresh(
     workspace: Workspace,
     conn: sqlite3.Connection,
     session: sqlite3.Row,
-    moved: Iterable[int] | None,
-) -> Pending | None:
-    """Bring ``label_geometry`` up to date after images moved (``moved``: their ids; None =
-    recompute everything). Runs inside the caller's write transaction."""
+    changes: Mapping[int, ImageState | None] | None,
+    *,
+    known: Mapping[int, ImageState | None] | None = None,
+) -> Pending:
+    """After image rows changed in the caller's write transaction (``changes``: their new
+    values, None = rebuild from scratch): store a new token and bring this process's state
+    up to date (incrementally when it holds the state of the token before). ``known``: with
+    ``changes=None``, every row of the session (a new session's start)."""
     sid = int(session["id"])
-    ids, space, space_key = session_space(workspace, session["backbone"], session["run_id"], conn)
     key = (str(workspace.db_path), sid)
     token = conn.execute(
         "SELECT geometry_token FROM label_sessions WHERE id = ?", (sid,)
     ).fetchone()[0]
+    new_token = uuid.uuid4().hex
+    conn.execute("UPDATE label_sessions SET geometry_token = ? WHERE id = ?", (new_token, sid))
     # Taken out: the state is updated in place, and only a committed refresh puts it back.
     entry = _CACHE.pop("geometry", key)
-    if (
-        moved is not None
-        and entry is not None
-        and entry.token == token
-        and entry.space_key == space_key
-        and token is not None
-    ):
-        new_entry = _incremental(conn, sid, entry, moved)
-    else:
-        new_entry = _full(conn, sid, ids, space, space_key)
-    new_entry.token = uuid.uuid4().hex
-    conn.execute(
-        "UPDATE label_sessions SET geometry_token = ? WHERE id = ?", (new_entry.token, sid)
-    )
-    return Pending(key, new_entry)
+    if changes is None:
+        return Pending(key, _build(workspace, conn, session, new_token, known), new_token)
+    if entry is None or token is None or entry.token != token:
+        return Pending(key, None, new_token)  # the next read builds it
+    with entry.lock:
+        entry.token = ""  # a reader holding it from before sees it as stale
+        if entry.apply(changes):
+            return Pending(key, entry, new_token)
+    # images the state does not know got a label: rebuild if the features changed
+    _ids, _space, space_key = session_space(workspace, session["backbone"], session["run_id"], conn)
+    if space_key != entry.space_key:
+        return Pending(key, _build(workspace, conn, session, new_token), new_token)
+    with entry.lock:
+        known = {i: a for i, a in changes.items() if len(entry.rows_of(np.array([i]))[0])}
+        entry.apply(known)
+    return Pending(key, entry, new_token)
 
 
 def has_state(workspace: Workspace, session_id: int) -> bool:
@@ -388,122 +714,10 @@ def has_state(workspace: Workspace, session_id: int) -> bool:
 
 
 def publish(pending: Pending | None) -> None:
-    if pending is not None:
+    """Make a committed refresh's state the one reads use."""
+    if pending is not None and pending.entry is not None:
+        pending.entry.token = pending.token
         _CACHE.put("geometry", pending.key, pending.entry)
-
-
-def _incremental(conn: sqlite3.Connection, sid: int, entry: _Entry, moved: Iterable[int]) -> _Entry:
-    moved_ids = np.unique(np.asarray(list(moved), dtype=np.int64))
-    pos = np.searchsorted(entry.ids, moved_ids)
-    pos = np.minimum(pos, max(len(entry.ids) - 1, 0))
-    found = (len(entry.ids) > 0) & (entry.ids[pos] == moved_ids) if len(entry.ids) else pos < 0
-    rows = pos[found]
-    states = image_states(conn, sid, image_ids=moved_ids[found].tolist())
-    new_labels = np.array([states[i][0] if i in states else -1 for i in moved_ids[found].tolist()])
-    new_normal = np.array(
-        [i in states and states[i][2] == "normal" for i in moved_ids[found].tolist()], bool
-    )
-    state = entry.state  # taken out of the cache by `refresh`: mutating it is safe
-    prior = state.label_of.copy()
-    state.update(rows, new_labels.astype(np.int64), new_normal)
-    out = state.outputs()
-    _write(conn, sid, entry.ids, state.label_of, entry.out, out, prior_labels=prior)
-    return _Entry(entry.token, entry.space_key, entry.ids, state, out)
-
-
-def _full(
-    conn: sqlite3.Connection, sid: int, ids: np.ndarray, space: np.ndarray, space_key: str
-) -> _Entry:
-    states = image_states(conn, sid)
-    label_of = np.array([states[i][0] if i in states else -1 for i in ids.tolist()], np.int64)
-    normal = np.array([i in states and states[i][2] == "normal" for i in ids.tolist()], bool)
-    state = _State.build(space, label_of, normal)
-    out = state.outputs()
-    stored = np.full((len(ids), 5), np.nan)
-    stored_labels = np.full(len(ids), -1, np.int64)
-    extra: list[int] = []
-    if len(ids):
-        conn_rows = conn.execute(
-            "SELECT image_id, label_id, distance, margin, silhouette, poor_fit, alt_label_id "
-            "FROM label_geometry WHERE session_id = ?",
-            (sid,),
-        ).fetchall()
-        if conn_rows:
-            table = np.array(
-                [[np.nan if v is None else v for v in tuple(r)] for r in conn_rows], np.float64
-            )
-            image_ids = table[:, 0].astype(np.int64)
-            pos = np.minimum(np.searchsorted(ids, image_ids), len(ids) - 1)
-            hit = ids[pos] == image_ids
-            stored[pos[hit]] = table[hit, 2:]
-            stored_labels[pos[hit]] = table[hit, 1].astype(np.int64)
-            extra = image_ids[~hit].tolist()
-    else:
-        extra = [
-            int(r[0])
-            for r in conn.execute(
-                "SELECT image_id FROM label_geometry WHERE session_id = ?", (sid,)
-            )
-        ]
-    if extra:  # rows of images that lost their features: no geometry any more
-        conn.executemany(
-            "DELETE FROM label_geometry WHERE session_id = ? AND image_id = ?",
-            [(sid, i) for i in extra],
-        )
-    _write(conn, sid, ids, label_of, stored, out, prior_labels=stored_labels)
-    return _Entry("", space_key, ids, state, out)
-
-
-def _write(
-    conn: sqlite3.Connection,
-    sid: int,
-    ids: np.ndarray,
-    label_of: np.ndarray,
-    old: np.ndarray,
-    new: np.ndarray,
-    *,
-    prior_labels: np.ndarray,
-) -> None:
-    """Write the rows whose numbers (or label) changed; delete the rows of images that lost
-    their label. ``old`` / ``prior_labels``: what the table holds now, per row."""
-    if not len(ids):
-        return
-    same_nan = np.isnan(old) == np.isnan(new)
-    close = np.isclose(np.nan_to_num(old), np.nan_to_num(new), rtol=0, atol=_TOLERANCE)
-    changed = ~(same_nan & close).all(axis=1) | (prior_labels != label_of)
-    gone = ids[(label_of < 0) & (prior_labels >= 0)].tolist()
-    rows = np.flatnonzero(changed & (label_of >= 0))
-    values = new[rows]
-    missing = np.isnan(values)
-    floats = values[:, :3].astype(object)
-    floats[missing[:, :3]] = None
-    alt = np.where(missing[:, 4], -1, np.nan_to_num(values[:, 4])).astype(np.int64).tolist()
-    upserts = list(
-        zip(
-            [sid] * len(rows),
-            ids[rows].tolist(),
-            label_of[rows].tolist(),
-            *(floats[:, j].tolist() for j in range(3)),
-            values[:, 3].astype(np.int64).tolist(),
-            [None if a < 0 else a for a in alt],
-            strict=True,
-        )
-    )
-    conn.executemany(
-        "INSERT INTO label_geometry(session_id, image_id, label_id, distance, margin, "
-        "silhouette, poor_fit, alt_label_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT(session_id, image_id) DO UPDATE SET label_id = excluded.label_id, "
-        "distance = excluded.distance, margin = excluded.margin, "
-        "silhouette = excluded.silhouette, poor_fit = excluded.poor_fit, "
-        "alt_label_id = excluded.alt_label_id",
-        upserts,
-    )
-    if gone:
-        chunked_rows(
-            conn,
-            f"DELETE FROM label_geometry WHERE session_id = {int(sid)} AND image_id IN ({{}})",
-            gone,
-        )
 
 
 def refresh_geometry(workspace: Workspace) -> None:

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.browser.conftest import settle
 from tests.conftest import SAMPLE_DATA
+
+__all__ = ["labeled_workspace", "open_page", "plotly_traces", "sample_truth", "settle"]
 
 BACKBONE = "efficientnet-lite0"  # the app's default, so the pages pick these vectors up
 
@@ -48,15 +51,6 @@ def labeled_workspace(
     save_vectors(ws, BACKBONE, [im.sha256 for im in images], vectors)
     lb.start_session(ws, cluster(ws, BACKBONE, k).id, actor=actor)
     return ws
-
-
-def settle(page, timeout: float = 120_000) -> None:
-    """Wait until the script run triggered by the last action has finished."""
-    page.wait_for_timeout(300)
-    page.wait_for_selector(
-        '[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=timeout
-    )
-    page.wait_for_timeout(200)
 
 
 def open_page(page, server: dict, path: str, ws_name: str) -> None:

@@ -128,6 +128,7 @@ def browser_page(app_server: dict[str, object]) -> Iterator[object]:
             executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
         )
         context = browser.new_context(viewport={"width": 1440, "height": 1000})
+        context.add_init_script(WATCH_SCRIPT_RUNS)  # what `settle` waits on
         page = context.new_page()
         page.set_default_timeout(60_000)
         try:
@@ -229,13 +230,104 @@ def labws(label_template, app_server, request) -> tuple[str, Path, dict]:
 GRID_CELL = "[data-relpath]"
 
 
+#: Installed in every page before the app's own scripts: it reads Streamlit's websocket frames
+#: (protobuf; only their top-level field numbers are needed) and stamps, on the page's clock,
+#: the last user input, the last script run the page asked for (an automatic fragment rerun
+#: does not count) and the last run the server finished (a run cut short for another one does
+#: not count). `settle` waits on these, not on how long a rerun usually takes to start: the
+#: 300 ms it used to sleep could pass before a loaded machine had even sent the click's rerun,
+#: and the test then acted on the old page while the new one was being drawn.
+WATCH_SCRIPT_RUNS = """
+(() => {
+  if (window.__icRuns) return;
+  const runs = window.__icRuns = { input: 0, asked: 0, done: 0 };
+  const stamp = () => { runs.input = performance.now(); };
+  for (const type of ["pointerdown", "pointerup", "click", "keydown"]) {
+    window.addEventListener(type, stamp, true);
+  }
+  // Top-level fields of a protobuf message: {field number: varint value, or the bytes}.
+  const fields = (bytes) => {
+    const out = {};
+    let i = 0;
+    const varint = () => {
+      let value = 0, shift = 0, byte;
+      do { byte = bytes[i++]; value += (byte & 0x7f) * 2 ** shift; shift += 7; }
+      while (byte & 0x80 && i < bytes.length);
+      return value;
+    };
+    while (i < bytes.length) {
+      const tag = varint(), field = Math.floor(tag / 8), wire = tag & 7;
+      if (wire === 0) out[field] = varint();
+      else if (wire === 2) { const n = varint(); out[field] = bytes.subarray(i, i + n); i += n; }
+      else if (wire === 1) i += 8;
+      else if (wire === 5) i += 4;
+      else break;
+    }
+    return out;
+  };
+  const RERUN_SCRIPT = 11, IS_AUTO_RERUN = 6;  // BackMsg.rerun_script, ClientState.is_auto_rerun
+  const SCRIPT_FINISHED = 6, EARLY_FOR_RERUN = 2;  // ForwardMsg.script_finished, its status
+  const Native = window.WebSocket;
+  class Watched extends Native {
+    constructor(...args) {
+      super(...args);
+      this.addEventListener("message", (event) => {
+        if (!(event.data instanceof ArrayBuffer)) return;
+        const msg = fields(new Uint8Array(event.data));
+        if (msg[SCRIPT_FINISHED] !== undefined && msg[SCRIPT_FINISHED] !== EARLY_FOR_RERUN) {
+          // After the app's own handler has dispatched it (it awaits before dispatching).
+          setTimeout(() => { runs.done = performance.now(); }, 0);
+        }
+      });
+    }
+    send(data) {
+      try {
+        const bytes = data instanceof ArrayBuffer ? new Uint8Array(data)
+          : ArrayBuffer.isView(data) ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
+          : null;
+        const msg = bytes ? fields(bytes) : {};
+        if (msg[RERUN_SCRIPT] !== undefined && !fields(msg[RERUN_SCRIPT])[IS_AUTO_RERUN]) {
+          runs.asked = performance.now();
+        }
+      } catch (err) { /* never break the app's socket */ }
+      return super.send(data);
+    }
+  }
+  window.WebSocket = Watched;
+})();
+"""
+#: How long an action may take to send its rerun request before `settle` decides it made none
+#: (a click on something that does not rerun the script, such as the selection grid's cells).
+ASK_GRACE_MS = 2_000
+IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+
+
 def settle(page, timeout: float = 120_000) -> None:
-    """Wait until the script run triggered by the last action has finished."""
-    page.wait_for_timeout(300)
-    page.wait_for_selector(
-        '[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=timeout
-    )
-    page.wait_for_timeout(200)
+    """Wait until the script run the last action asked for has finished and the page shows it.
+
+    Keyed on the page's own state (see `WATCH_SCRIPT_RUNS`): first the rerun request the
+    action sent after the last input (or `ASK_GRACE_MS` without one: it made none), then the
+    server's "script finished" for a run asked after it, with the app idle, twice two animation
+    frames apart (so a message still being dispatched cannot pass for the end).
+    """
+    if not page.evaluate("() => Boolean(window.__icRuns)"):  # a page made without the watcher
+        page.wait_for_timeout(500)
+        page.wait_for_selector(IDLE, timeout=timeout)
+        return
+    with contextlib.suppress(Exception):  # playwright's TimeoutError: no rerun was asked for
+        page.wait_for_function(
+            "() => window.__icRuns.asked >= window.__icRuns.input", timeout=ASK_GRACE_MS
+        )
+    done = """() => {
+        const app = document.querySelector('[data-testid="stApp"]');
+        return window.__icRuns.done >= window.__icRuns.asked
+            && app && app.getAttribute("data-test-script-state") === "notRunning";
+    }"""
+    frames = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
+    for _ in range(2):
+        page.wait_for_function(done, timeout=timeout)
+        page.evaluate(frames)
+    page.wait_for_function(done, timeout=timeout)
 
 
 def open_label_page(page, url: str, ws_name: str, query: str = "") -> None:
@@ -243,6 +335,9 @@ def open_label_page(page, url: str, ws_name: str, query: str = "") -> None:
     page.goto(f"{url}/label?ws={ws_name}{query}")
     page.get_by_role("heading", name="Label", level=1).wait_for()
     settle(page)
+    # The grid component's script loads on its own after the first run: wait for its cells
+    # (every label these tests open has images) before anyone reads the grid.
+    page.locator(GRID_CELL).first.wait_for()
 
 
 def uses_grid_component(page) -> bool:

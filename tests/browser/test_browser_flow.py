@@ -18,21 +18,12 @@ import zipfile
 
 import pytest
 
-from tests.browser.conftest import ARTIFACTS, PROJECT
+from tests.browser.conftest import ARTIFACTS, PROJECT, settle
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 NEW_LABEL = "Trousers & <b>pants</b>"  # markup in a name must show as text
 RENAMED = "trousers"
-
-
-def settle(page, timeout: float = 120_000) -> None:
-    """Wait until the script run triggered by the last action has finished."""
-    page.wait_for_timeout(400)
-    page.wait_for_selector(
-        '[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=timeout
-    )
-    page.wait_for_timeout(200)
 
 
 def shot(page, name: str) -> None:

@@ -161,7 +161,11 @@ def test_hovering_a_point_on_the_map_shows_its_photo(browser_page, app_server):
     labeled_workspace(app_server["workspaces"], "hover", k=8)
     open_page(page, app_server, "clusters", "hover")
     page.get_by_text("map of 120 images").first.wait_for()
-    page.wait_for_timeout(1500)  # the hover component attaches to the drawn map
+    # The hover component has attached its listener to the drawn map (it marks the plot).
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('.js-plotly-plot')]
+            .some(g => ((g.layout.title || {}).text || '').includes('map of') && g.__icHover)"""
+    )
     point = page.evaluate(
         """() => {
             const gd = [...document.querySelectorAll('.js-plotly-plot')]
