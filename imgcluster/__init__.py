@@ -10,8 +10,8 @@ built by `imgcluster.migrations`; ``tests/test_architecture.py`` enforces this):
 - ``meta``, ``images``: `imgcluster.workspace` (ingest, `imgcluster.images`, writes
   ``images``); others join the read-only view ``image_catalog`` or call its readers;
 - ``feature_shards``, ``features``: `imgcluster.features.store`;
-- ``clusterings``, ``assignments``: `imgcluster.clustering` (readers: `run_info`,
-  `run_assignments`, ...);
+- ``clusterings``, ``assignments``: `imgcluster.runs` (readers: `run_info`,
+  `run_assignments`, ...; `imgcluster.clustering` makes the runs);
 - ``projections``: `imgcluster.spaces`;
 - ``label_sessions``, ``labels``, ``image_labels``, ``audit_log``: `imgcluster.labels`.
 

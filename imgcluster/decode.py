@@ -255,10 +255,24 @@ def read_capped(fd: int, limit: int = MAX_FILE_BYTES) -> bytes:
     The size is checked before and during the read: a file that grows (or a 20 GB sparse file
     swapped in) is never read whole into memory.
     """
+    too_large = ImageRejected(
+        "file too large", f"more than the {limit >> 20:,} MiB limit for one image file"
+    )
+    size = os.fstat(fd).st_size
+    if size > limit:
+        raise too_large
+    # Ask for what the file holds (+1 byte to see it grow), never for ``limit``: Python
+    # allocates the whole request up front, so ``read(limit + 1)`` reserved 1 GiB of address
+    # space per file, and a few threads at once ran out under an address-space cap.
+    chunks, total, want = [], 0, size + 1
     with os.fdopen(fd, "rb", closefd=False) as fh:
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise ImageRejected(
-            "file too large", f"more than the {limit >> 20:,} MiB limit for one image file"
-        )
-    return data
+        while total <= limit:
+            chunk = fh.read(min(want, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            want = 1 << 20  # it grew since the stat: go on in 1 MiB steps, up to the cap
+    if total > limit:
+        raise too_large
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -12,6 +12,8 @@ import base64
 import io
 import re
 from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,7 @@ SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "cross", "triangle
 SORTS = {"size": "Size", "name": "Name", "misfits": "Misfits"}
 #: The names labeling starts with: a label still called so was never named by anyone.
 AUTO_NAME = re.compile(r"cluster_\d+")
+ASSETS = Path(__file__).with_name("assets")
 
 
 # -- charts -----------------------------------------------------------------------------------
@@ -145,9 +148,76 @@ def strips(ws: Workspace, table: views.LabelTable) -> None:
     shown = labels[(page - 1) * STRIPS_PER_PAGE : page * STRIPS_PER_PAGE]
     members = strip_members(*common.ws_key(ws), tuple(s.id for s in shown))
     names = suggested_names(*common.ws_key(ws), common.active_backbone(ws))
-    for summary in shown:  # one per row: reading order is the sort order
-        with st.container(border=True, key=f"clusters_strip_{summary.id}"):
-            strip(ws, summary, members.get(summary.id, []), names.get(summary.id))
+    strip_rows = [
+        strip_row(ws, slot, summary, members.get(summary.id, []), names.get(summary.id))
+        for slot, summary in enumerate(shown)  # one per row: reading order is the sort order
+    ]
+    _strips_component()(
+        key="clusters_strips",
+        data={"strips": strip_rows},
+        on_open_change=_strip_opened,
+        on_accept_change=lambda: _strip_accepted(ws),
+    )
+
+
+@cache
+def _strips_component() -> Any:
+    return st.components.v2.component(
+        "imgcluster_cluster_strips",
+        css=(ASSETS / "strips.css").read_text(encoding="utf-8"),
+        js=(ASSETS / "strips.js").read_text(encoding="utf-8"),
+    )
+
+
+def _strip_trigger(name: str) -> Any:
+    value = st.session_state.get("clusters_strips")
+    try:
+        return value.get(name) if value is not None else None
+    except AttributeError:
+        return None
+
+
+def _strip_opened() -> None:
+    if isinstance(name := _strip_trigger("open"), str):
+        open_label(name)
+
+
+def _strip_accepted(ws: Workspace) -> None:
+    value = _strip_trigger("accept")
+    if isinstance(value, dict) and isinstance(value.get("id"), int) and value.get("name"):
+        views.callback(_accept_name, ws, value["id"], str(value["name"]))()
+
+
+def strip_meta(summary: lb.LabelSummary) -> str:
+    """A label's size, misfits and confirmed images in one line ("1,234 images · 3 misfits ·
+    2 confirmed"; misfits and confirmed only when there are some)."""
+    parts = [f"{summary.count:,} image{'s' if summary.count != 1 else ''}"]
+    if summary.misfits:
+        parts.append(f"{summary.misfits} misfit{'s' if summary.misfits != 1 else ''}")
+    if summary.confirmed:
+        parts.append(f"{summary.confirmed} confirmed")
+    return " · ".join(parts)
+
+
+def strip_row(
+    ws: Workspace, slot: int, summary: lb.LabelSummary, shas: list[str], suggestion: str | None
+) -> dict[str, Any]:
+    """One strip as the component draws it; ``key`` changes when its photos do."""
+    jpeg = strip_image(str(ws.path), tuple(shas)) if shas else b""
+    return {
+        "slot": slot,
+        "id": summary.id,
+        "name": summary.name,
+        "meta": strip_meta(summary),
+        "suggestion": suggestion if suggestion and AUTO_NAME.fullmatch(summary.name) else None,
+        "src": strip_uri(jpeg) if jpeg else None,
+        "key": hash(jpeg),
+    }
+
+
+@st.cache_data(max_entries=1024, show_spinner=False)
+def strip_uri(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
@@ -173,34 +243,6 @@ def suggested_names(path: str, revision: int, backbone: str) -> dict[int, str]:
 
 def _accept_name(ws: Workspace, label_id: int, name: str) -> str:
     return lb.rename(ws, label_id, name, actor=views.actor()).summary
-
-
-def strip(
-    ws: Workspace, summary: lb.LabelSummary, shas: list[str], suggestion: str | None = None
-) -> None:
-    misfits = f" · {summary.misfits} misfit{'s' if summary.misfits != 1 else ''}"
-    confirmed = f" · {summary.confirmed} confirmed" if summary.confirmed else ""
-    st.button(
-        f"**{common.md_escape(summary.name)}** · {summary.count:,} image"
-        f"{'s' if summary.count != 1 else ''}{misfits if summary.misfits else ''}{confirmed}",
-        key=f"clusters_open_{summary.id}",
-        type="tertiary",
-        icon=":material/arrow_forward:",
-        icon_position="right",
-        help=f"Open {common.md_escape(summary.name)} on the Label page",
-        on_click=open_label,
-        args=(summary.name,),
-    )
-    if suggestion and AUTO_NAME.fullmatch(summary.name):
-        st.button(
-            f"Name it “{common.md_escape(suggestion)}”",
-            key=f"clusters_accept_{summary.id}",
-            icon=":material/auto_awesome:",
-            help="Suggested from the ImageNet classes its photos look like; one click renames",
-            on_click=views.callback(_accept_name, ws, summary.id, suggestion),
-        )
-    if shas:
-        st.image(strip_image(str(ws.path), tuple(shas)), width="stretch")
 
 
 # -- empty labels (issue 12, bug 6) ---------------------------------------------------------

@@ -27,6 +27,12 @@ K_KEY = f"{common.VIEW_PREFIX}k"
 PENDING_KEY = f"{common.VIEW_PREFIX}k_pending"
 CONFIRM_KEY = f"{common.VIEW_PREFIX}k_confirm_restart"
 K_CEILING = 200
+#: While a run redraws the page, Streamlit fades the elements it has not re-sent yet with an
+#: animated opacity; in a software-raster browser every frame of that fade repaints the whole
+#: page (bench/README.md, "App speed"). The fade stays, without the animation.
+STALE_CSS = (
+    "<style>[data-stale],[data-stale] *{transition:none!important;animation:none!important}</style>"
+)
 
 
 # -- the k control ----------------------------------------------------------------------------
@@ -366,6 +372,7 @@ def new_images_notice(ws: Workspace, n: int, table: views.LabelTable) -> None:
 
 
 def main() -> None:
+    st.html(STALE_CSS)
     cv.go_to_label()
     ws = common.require_workspace()
     st.title("Clusters")

@@ -22,6 +22,7 @@ from sklearn.metrics import (
 )
 
 from imgcluster import clustering as C
+from imgcluster import runs
 from imgcluster.cli import cli
 from imgcluster.errors import UnknownCluster
 from imgcluster.features import load_features, save_vectors
@@ -423,11 +424,53 @@ def test_a_run_is_stored_as_one_arrays_file_and_a_lost_one_is_one_clear_error(
     from imgcluster.errors import WorkspaceCorrupt
 
     run = C.cluster(ws, BACKBONE, 4)
-    relfile = run.params[C.ARRAYS_KEY]
+    relfile = run.params[runs.ARRAYS_KEY]
     with np.load(ws.path / relfile) as data:
         assert np.array_equal(data["image_ids"], run.image_ids)
         assert np.array_equal(data["labels"], run.labels)
     (ws.path / relfile).unlink()
-    C._arrays._items.clear()  # what a fresh process would see
+    runs.clear_cache()  # what a fresh process would see
     with pytest.raises(WorkspaceCorrupt, match="cluster again"):
         C.load_run(ws, run.id)
+
+
+def test_a_run_stored_as_rows_by_an_older_version_reads_as_it_was_stored(ws: Workspace) -> None:
+    """Workspaces from before the arrays file keep one ``assignments`` row per image: the same
+    run rewritten that way reads back with the same arrays, members and assignments."""
+    import json
+    import sqlite3
+
+    run = C.cluster(ws, BACKBONE, 4)
+    relfile = run.params[runs.ARRAYS_KEY]
+    members = C.cluster_members(ws, run.id, 0, limit=5)
+    conn = sqlite3.connect(ws.db_path)
+    with conn:
+        conn.executemany(
+            "INSERT INTO assignments(run_id, image_id, cluster, distance, silhouette, margin) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (run.id, int(i), int(c), float(d), float(s), float(m))
+                for i, c, d, s, m in zip(
+                    run.image_ids,
+                    run.labels,
+                    run.distances,
+                    run.silhouettes,
+                    run.margins,
+                    strict=True,
+                )
+            ],
+        )
+        params = {k: v for k, v in run.params.items() if k != runs.ARRAYS_KEY}
+        conn.execute("UPDATE clusterings SET params = ? WHERE id = ?", (json.dumps(params), run.id))
+    conn.close()
+    (ws.path / relfile).unlink()
+    runs.clear_cache()
+
+    old = C.load_run(ws, run.id)
+    assert runs.ARRAYS_KEY not in old.params
+    for name in ("image_ids", "labels", "distances", "silhouettes", "margins"):
+        assert np.array_equal(getattr(old, name), getattr(run, name)), name
+    assert C.cluster_members(ws, run.id, 0, limit=5) == members
+    assert C.run_assignments(ws, run.id) == dict(
+        zip(run.image_ids.tolist(), run.labels.tolist(), strict=True)
+    )

@@ -745,6 +745,90 @@ def test_dry_run_plan_is_what_the_export_writes(tmp_path: Path, labeled_ws, opti
     assert sum(plan.left_out.values()) + plan.n_files == ws.image_counts()["ok"]
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"include_unsure": True},
+        {"confirmed_only": True},
+        {"confirmed_only": True, "include_unsure": True},
+    ],
+)
+def test_the_counts_preview_equals_the_per_row_one(tmp_path: Path, labeled_ws, options) -> None:
+    """The preview is built from counts (one GROUP BY; with a split, plus each image's
+    hash), the export's items from a row per image: on the same labels both must say the
+    same, and the export write it, with excluded, unsure, confirmed, missing and unlabeled
+    images present."""
+    from imgcluster import labels
+    from imgcluster.export import export_workspace, plan_workspace_export
+    from imgcluster.export.workspace_export import _select_rows
+    from imgcluster.images import ingest
+
+    ws, root = labeled_ws
+    labels.confirm_images(ws, ["bags/img3.jpg", "bags/img2.png"])  # one unsure, confirmed
+    (root / "bags" / "img4.png").unlink()  # a labeled image whose file is gone
+    (root / "shoes" / "img5.jpg").unlink()  # ... and a confirmed one
+    _write_image(root / "late.png", (1, 2, 3))  # unlabeled
+    ingest(ws, root, workers=1)
+    rows = labels.current_labels(ws, include_missing=True)
+    assert {r.status for r in rows} == {"ok", "missing"}
+    assert {r.state for r in rows} == {"normal", "excluded", "unsure"}
+
+    counted = plan_workspace_export(ws, **options)
+    flags = (bool(options.get("confirmed_only")), bool(options.get("include_unsure")))
+    per_row = _select_rows(rows, flags)  # what the export's items are selected by
+    assert counted.counts == {label: {"all": n} for label, n in sorted(per_row.kept.items())}
+    assert counted.left_out == {**per_row.left_out, "unlabeled": 1}
+    assert counted.left_out_files == per_row.missing
+    assert (counted.confirmed, counted.sizes) == (per_row.confirmed, per_row.sizes)
+    split = plan_workspace_export(ws, split="0.5,0.5", **options)
+    assert counted.counts == {
+        label: {"all": sum(per.values())} for label, per in split.counts.items()
+    }
+    for name in ("folders", "left_out", "left_out_files", "confirmed", "sizes", "n_labeled"):
+        assert getattr(counted, name) == getattr(split, name), name
+    assert counted.n_files == split.n_files == len(counted.items) == len(per_row.rows)
+    assert counted.left_out["missing"] == 2 - bool(options.get("confirmed_only"))
+    assert counted.n_labeled == len(rows)
+    assert [i.relpath for i in counted.items] == [r.relpath for r in per_row.rows]
+    assert all(i.cluster is not None for i in counted.items)  # the rows read their clusters
+
+    result = export_workspace(ws, tmp_path / "out", **options)
+    assert (result.counts, result.left_out) == (counted.counts, counted.left_out)
+    assert [f.relpath for f in result.left_out_files] == [f.relpath for f in counted.left_out_files]
+    written = Counter(r["label"] for r in read_manifest(tmp_path / "out"))
+    assert written == Counter({label: per["all"] for label, per in counted.counts.items()})
+
+
+def test_unsafe_paths_are_the_same_in_sql_and_python() -> None:
+    """The counts preview finds unsafe paths in SQL, the per-row one in Python."""
+    import sqlite3
+
+    from imgcluster.export.workspace_export import _unsafe
+    from imgcluster.labels.queries import UNSAFE_RELPATH_SQL
+
+    paths = [
+        "a/b.jpg",
+        "/abs.jpg",
+        "a\0b.jpg",
+        "../x.jpg",
+        "a/../x",
+        "a/..",
+        "..",
+        "a..b/c",
+        "x/..y/z",
+        "x/y../z",
+        "%/_.jpg",
+        "./a.jpg",
+    ]
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE paths (relpath TEXT)")
+    conn.executemany("INSERT INTO paths VALUES (?)", [(p,) for p in paths])
+    found = dict(conn.execute(f"SELECT relpath, {UNSAFE_RELPATH_SQL} FROM paths AS i"))
+    assert {p: bool(v) for p, v in found.items()} == {p: _unsafe(p) for p in paths}
+    assert sum(found.values()) == 6
+
+
 def test_cli_export(tmp_path: Path, labeled_ws) -> None:
     from click.testing import CliRunner
 

@@ -1,25 +1,26 @@
 """Exporting a workspace: its current labels, as `plan_workspace_export` selects them.
 
 The plan (the dry run a preview shows) reads only the database: the labels through
-`imgcluster.labels.current_labels`, the files through `Workspace.source_files` (one query, no
-file touched), the run through `imgcluster.clustering.run_info`. `export_workspace` exports
+`imgcluster.labels.label_state_counts` (counts; `current_labels` rows with a split), the files
+through `Workspace.source_files` (one query, no file touched, when the export builds its
+items), the run through `imgcluster.clustering.run_info`. `export_workspace` exports
 exactly the plan's items; `export_warnings` says what an annotator should look at first.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from imgcluster.errors import ExportError, UnknownCluster
 from imgcluster.export.files import MISSING
-from imgcluster.export.plan import ExportItem, parse_split, plan_counts
+from imgcluster.export.names import assign_folders
+from imgcluster.export.plan import ROOT_FILES, ExportItem, parse_split, plan_counts
 from imgcluster.export.tree import (
     ExportResult,
     LeftOut,
@@ -58,14 +59,26 @@ class WorkspaceExportPlan:
     format: str = "auto"
     n_files: int = 0
     workspace: Workspace | None = field(default=None, repr=False)
-    rows: list[Any] = field(default_factory=list, repr=False)
+    #: (confirmed_only, include_unsure): what `rows` re-selects when it reads the labels.
+    options: tuple[bool, bool] = (False, False)
+    _rows: list[Any] | None = field(default=None, repr=False)
     _items: list[ExportItem] | None = field(default=None, repr=False)
+
+    @property
+    def rows(self) -> list[Any]:
+        """The exported images' label rows (with their clusters), read on first use: the
+        preview is built from counts, only the export needs one row per image."""
+        if self._rows is None:
+            if self.workspace is None:
+                raise ExportError("this plan has no workspace to read its images from")
+            self._rows = _kept_rows(self.workspace, self.options, self.n_files)
+        return self._rows
 
     @property
     def items(self) -> list[ExportItem]:
         """The images to export, with their source paths and recorded formats."""
         if self._items is None:
-            self._items = _export_items(self.workspace, self.rows)
+            self._items = _export_items(self.workspace, self.rows) if self.n_files else []
         return self._items
 
     @property
@@ -114,13 +127,98 @@ class ExportWarning:
     labels: tuple[str, ...] = ()
 
 
-def _labeled_rows(workspace: Workspace) -> list[Any]:
-    """Labeled images of the active session, missing files included when labels can say."""
+@dataclass
+class _Selection:
+    """What the options select from the labeled images (counts, and the rows when read)."""
+
+    kept: Counter[str] = field(default_factory=Counter)
+    left_out: Counter[str] = field(default_factory=Counter)
+    missing: list[LeftOut] = field(default_factory=list)
+    confirmed: Counter[str] = field(default_factory=Counter)
+    sizes: Counter[str] = field(default_factory=Counter)
+    n_usable: int = 0
+    n_labeled: int = 0
+    rows: list[Any] = field(default_factory=list)
+
+    def add(self, row: Any, options: tuple[bool, bool], n: int = 1) -> str | None:
+        """Count ``n`` images like ``row``; the reason they are left out, or None."""
+        usable = getattr(row, "status", "ok") == "ok"
+        self.n_labeled += n
+        self.n_usable += n * usable
+        self.sizes[row.label] += n
+        if row.confirmed:
+            self.confirmed[row.label] += n
+        reason = _reason(row, *options)
+        unsafe = getattr(row, "unsafe", None)
+        if unsafe is None:
+            unsafe = _unsafe(row.relpath)
+        if reason is None and (not usable or unsafe):
+            reason = MISSING if not usable else "outside the collection"
+            if hasattr(row, "relpath"):
+                self.missing.append(LeftOut(row.relpath, row.label, reason))
+        if reason is not None:
+            self.left_out[reason] += n
+        else:
+            self.kept[row.label] += n
+        return reason
+
+
+def _select_rows(rows: Sequence[Any], options: tuple[bool, bool]) -> _Selection:
+    """The per-row selection: what the export's items are (and what a test holds the counts to)."""
+    selection = _Selection()
+    for row in rows:
+        if selection.add(row, options) is None:
+            selection.rows.append(row)
+    return selection
+
+
+def _select_counts(workspace: Workspace, options: tuple[bool, bool]) -> _Selection:
+    """The same selection from counts: one GROUP BY, plus the rows of the few labeled images
+    export cannot write (missing files, unsafe paths), to list them by name."""
     from imgcluster import labels
 
-    if "include_missing" in inspect.signature(labels.current_labels).parameters:
-        return labels.current_labels(workspace, include_missing=True)
-    return labels.current_labels(workspace)  # a labels module that lists usable images only
+    selection = _Selection()
+    for group in labels.label_state_counts(workspace):
+        selection.add(group, options, group.count)
+    for row in labels.unusable_labels(workspace):
+        if _reason(row, *options) is None:
+            reason = MISSING if row.status != "ok" else "outside the collection"
+            selection.missing.append(LeftOut(row.relpath, row.label, reason))
+    return selection
+
+
+def _kept_rows(workspace: Workspace, options: tuple[bool, bool], expected: int) -> list[Any]:
+    """The rows the export writes (with their clusters), checked against the preview."""
+    from imgcluster import labels
+
+    kept = _select_rows(labels.current_labels(workspace, include_missing=True), options).rows
+    if len(kept) != expected:
+        raise ExportError(
+            f"the labels changed since this export was planned ({expected} images then, "
+            f"{len(kept)} now); preview the export again"
+        )
+    return kept
+
+
+class _Hashed(NamedTuple):
+    """What the split of one exported image depends on (a tuple: 1M are built quickly)."""
+
+    label: str
+    sha256: str
+
+
+def _hashes(workspace: Workspace, options: tuple[bool, bool], expected: int) -> list[_Hashed]:
+    from imgcluster import labels
+
+    confirmed_only, include_unsure = options
+    states = ("normal", "unsure") if include_unsure else ("normal",)
+    pairs = labels.labeled_hashes(workspace, states=states, confirmed_only=confirmed_only)
+    if len(pairs) != expected:
+        raise ExportError(
+            f"the labels changed while the preview read them ({expected} then {len(pairs)} "
+            "images); preview the export again"
+        )
+    return [_Hashed(label, sha) for label, sha in pairs]
 
 
 def plan_workspace_export(
@@ -139,7 +237,9 @@ def plan_workspace_export(
     left out unless ``include_unsure``; with ``confirmed_only`` unconfirmed images are left
     out; labeled images whose file is missing are left out as ``missing`` (listed with their
     label); usable images without a label are counted as ``unlabeled``. Reads only the
-    database (no file is opened): milliseconds per thousand images.
+    database (no file is opened): counts (one GROUP BY, plus the few images export cannot
+    write), and with ``split`` each exported image's label and content hash (what the split
+    depends on); ``items`` are read when first used (the export).
 
     Raises
     ------
@@ -154,40 +254,35 @@ def plan_workspace_export(
     >>> plan.counts["sneakers"], plan.left_out                              # doctest: +SKIP
     ({'all': 12}, {'unconfirmed': 168})
     """
-    rows = _labeled_rows(workspace)  # raises NoLabelSession when labeling has not started
-    left_out: Counter[str] = Counter()
-    missing: list[LeftOut] = []
-    kept: list[Any] = []
-    n_usable = 0
-    for row in rows:
-        usable = getattr(row, "status", "ok") == "ok"
-        n_usable += usable
-        reason = _reason(row, confirmed_only, include_unsure)
-        if reason is None and (not usable or _unsafe(row.relpath)):
-            reason = MISSING if not usable else "outside the collection"
-            missing.append(LeftOut(row.relpath, row.label, reason))
-        if reason is not None:
-            left_out[reason] += 1
-        else:
-            kept.append(row)
-    unlabeled = workspace.image_counts()["ok"] - n_usable
+    options = (bool(confirmed_only), bool(include_unsure))
+    proportions = parse_split(split)
+    # Counts, not a row per image: at 1M images rows are most of a preview's time.
+    selection = _select_counts(workspace, options)  # NoLabelSession before labeling
+    n_files = sum(selection.kept.values())
+    if proportions is None:
+        counts = {label: {"all": n} for label, n in sorted(selection.kept.items())}
+        folders = assign_folders(selection.kept, reserved=ROOT_FILES)
+        splits: tuple[str, ...] = ()
+    else:
+        # The split needs each exported image's label and content hash (nothing else).
+        hashed = _hashes(workspace, options, n_files)
+        counts, folders, splits = plan_counts(hashed, split=proportions, random_state=random_state)
+    unlabeled = workspace.image_counts()["ok"] - selection.n_usable
     if unlabeled > 0:
-        left_out["unlabeled"] = unlabeled
-    # Rows have the label and sha256 the split needs: no ExportItem is built for a preview.
-    counts, folders, splits = plan_counts(kept, split=parse_split(split), random_state=random_state)
+        selection.left_out["unlabeled"] = unlabeled
     return WorkspaceExportPlan(
         folders=folders,
         counts=counts,
         splits=splits,
-        left_out=dict(sorted(left_out.items())),
-        n_labeled=len(rows),
-        left_out_files=missing,
-        confirmed=dict(Counter(row.label for row in rows if row.confirmed)),
-        sizes=dict(Counter(row.label for row in rows)),
+        left_out=dict(sorted(selection.left_out.items())),
+        n_labeled=selection.n_labeled,
+        left_out_files=selection.missing,
+        confirmed=dict(selection.confirmed),
+        sizes=dict(selection.sizes),
         format=format,
-        n_files=len(kept),
+        n_files=n_files,
         workspace=workspace,
-        rows=kept,
+        options=options,
     )
 
 

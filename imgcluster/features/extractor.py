@@ -35,7 +35,7 @@ from imgcluster.features.runtime import (
     load_network,
 )
 from imgcluster.features.store import l2_normalize
-from imgcluster.images import MAX_FILE_BYTES, open_rgb, to_rgb
+from imgcluster.images import MAX_FILE_BYTES, open_rgb, read_capped, to_rgb
 
 __all__ = ["BatchResult", "FeatureExtractor", "load_extractor", "read_source"]
 
@@ -460,14 +460,11 @@ def read_source(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) -
                 "file too large",
                 f"{info.st_size:,} bytes, more than the {max_bytes >> 20:,} MiB limit",
             )
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            data = fh.read(max_bytes + 1)
+        data = read_capped(fd, max_bytes)  # reserves what the file holds, not the cap
     except OSError as exc:
         raise ImageRejected("unreadable", (exc.strerror or str(exc)).lower()) from None
     finally:
         os.close(fd)
-    if len(data) > max_bytes:
-        raise ImageRejected("file too large", f"grew past the {max_bytes >> 20:,} MiB limit")
     return data
 
 

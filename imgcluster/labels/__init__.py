@@ -83,12 +83,15 @@ from imgcluster.labels.queries import (
     label_by_id,
     label_by_name,
     label_images,
+    label_state_counts,
+    labeled_hashes,
     list_labels,
     misplaced,
     nearest_neighbours,
     next_label_to_review,
     page_sql,
     progress,
+    unusable_labels,
 )
 from imgcluster.labels.results import (
     Applied,
@@ -145,6 +148,8 @@ __all__ = [
     "label_by_name",
     "label_geometry",
     "label_images",
+    "label_state_counts",
+    "labeled_hashes",
     "list_labels",
     "looks_like_id",
     "merge",
@@ -165,5 +170,6 @@ __all__ = [
     "start_session",
     "suggest_for_new_images",
     "undo",
+    "unusable_labels",
     "validate_name",
 ]

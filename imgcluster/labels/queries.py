@@ -5,7 +5,8 @@ geometry is kept current by the operations that move images (`imgcluster.labels.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -527,35 +528,159 @@ def nearest_neighbours(
     ]
 
 
-def current_labels(workspace: Workspace, *, include_missing: bool = False) -> list[ExportRow]:
+def current_labels(
+    workspace: Workspace, *, include_missing: bool = False, clusters: bool = True
+) -> list[ExportRow]:
     """Every labeled usable image of the active session, by relative path (for export).
 
     ``cluster`` is the image's cluster in the session's clustering run (None for images
     added later). Excluded images are included with ``state="excluded"``; export skips them.
     With ``include_missing``, labeled images whose file ingest found gone are listed too,
     with ``status="missing"`` (export reports them with their label instead of dropping them).
+    With ``clusters=False`` every ``cluster`` is None: the run's assignments are not read
+    (a split preview needs only labels and hashes; at 1M images that read is a dict of 1M).
     """
-    from imgcluster.clustering import run_assignments
-
     statuses = "('ok', 'missing')" if include_missing else "('ok')"
     with workspace.read() as conn:
         session = session_row(conn)
-        clusters = run_assignments(conn, session["run_id"])
+        assigned = _run_clusters(conn, session["run_id"]) if clusters else {}
+        rows = conn.execute(
+            f"{_EXPORT_SELECT} WHERE il.session_id = ? AND i.status IN {statuses} "
+            "ORDER BY i.relpath",
+            (session["id"],),
+        ).fetchall()
+    return [
+        ExportRow(r[0], r[1], r[2], r[3], assigned.get(int(r[0])), bool(r[4]), r[5], r[6])
+        for r in rows
+    ]
+
+
+def _run_clusters(conn: Any, run_id: int) -> Mapping[int, int]:
+    from imgcluster.clustering import run_assignments
+
+    return run_assignments(conn, run_id)
+
+
+_EXPORT_SELECT = """
+    SELECT i.id, i.relpath, i.sha256, l.name, il.confirmed, il.state, i.status
+    FROM image_labels AS il
+    JOIN image_catalog AS i ON i.id = il.image_id
+    JOIN labels AS l ON l.id = il.label_id
+"""
+
+#: SQL true for a relative path that would leave the collection (never produced by ingest):
+#: absolute, holding a NUL, or with a ``..`` component. The same test as
+#: `imgcluster.export.workspace_export`'s per-row one (a test holds them equal).
+UNSAFE_RELPATH_SQL = (
+    "(i.relpath LIKE '/%' OR instr(i.relpath, char(0)) > 0 "
+    "OR ('/' || i.relpath || '/') LIKE '%/../%')"
+)
+
+
+@dataclass(frozen=True)
+class LabelStateCount:
+    """How many labeled images share one label, state, confirmed flag, image status and
+    path safety (`label_state_counts`)."""
+
+    label: str
+    state: str
+    confirmed: bool
+    status: str
+    unsafe: bool
+    count: int
+
+
+def label_state_counts(workspace: Workspace) -> list[LabelStateCount]:
+    """Labeled images of the active session (usable and missing), counted by label, state,
+    confirmed, image status and whether the path is unsafe (`UNSAFE_RELPATH_SQL`).
+
+    What an export preview needs without a split: counts instead of one row per image (at
+    1M images, the per-row `current_labels` is most of a 30 s preview). The counts come from
+    the labels' covering index alone; the few images that are not usable or have an unsafe
+    path (one pass over the images' paths, no join) are moved to their own groups. Raises
+    `NoLabelSession` when labeling has not started.
+    """
+    with workspace.read() as conn:
+        sid = int(session_row(conn)["id"])
+        totals = conn.execute(
+            """
+            SELECT l.name, g.state, g.confirmed, g.n
+            FROM (SELECT label_id, state, confirmed, COUNT(*) AS n FROM image_labels
+                  WHERE session_id = ? GROUP BY label_id, state, confirmed) AS g
+            JOIN labels AS l ON l.id = g.label_id
+            """,
+            (sid,),
+        ).fetchall()
+        odd = conn.execute(
+            f"""
+            SELECT l.name, il.state, il.confirmed, i.status, {UNSAFE_RELPATH_SQL}
+            FROM image_catalog AS i
+            CROSS JOIN image_labels AS il ON il.session_id = ? AND il.image_id = i.id
+            JOIN labels AS l ON l.id = il.label_id
+            WHERE i.status != 'ok' OR {UNSAFE_RELPATH_SQL}
+            """,
+            (sid,),
+        ).fetchall()
+    counts: Counter[tuple[str, str, bool, str, bool]] = Counter()
+    for name, state, confirmed, n in totals:
+        counts[(str(name), str(state), bool(confirmed), "ok", False)] += int(n)
+    for name, state, confirmed, status, unsafe in odd:
+        counts[(str(name), str(state), bool(confirmed), "ok", False)] -= 1
+        if status in ("ok", "missing"):  # skipped images are no export's business
+            counts[(str(name), str(state), bool(confirmed), str(status), bool(unsafe))] += 1
+    return [LabelStateCount(*key, n) for key, n in sorted(counts.items()) if n > 0]
+
+
+def labeled_hashes(
+    workspace: Workspace, *, states: Sequence[str] = ("normal",), confirmed_only: bool = False
+) -> list[tuple[str, str]]:
+    """``(label, sha256)`` of the labeled usable images with a safe path whose state is one
+    of ``states`` (confirmed ones only with ``confirmed_only``), in no particular order.
+
+    What a split preview needs per image (the split keeps duplicates together by hash):
+    two columns instead of an `ExportRow` with its cluster. Raises `NoLabelSession` when
+    labeling has not started, `InvalidParameter` for an unknown state.
+    """
+    known = ("normal", "excluded", "unsure")  # `imgcluster.labels.STATES` (ops imports us)
+    unknown = set(states) - set(known)
+    if unknown:
+        raise InvalidParameter(f"states {sorted(unknown)} should be among {known}")
+    marks = ", ".join("?" * len(states))
+    confirmed = " AND il.confirmed = 1" if confirmed_only else ""
+    with workspace.read() as conn:
+        sid = int(session_row(conn)["id"])
         rows = conn.execute(
             f"""
-            SELECT i.id, i.relpath, i.sha256, l.name, il.confirmed, il.state, i.status
+            SELECT l.name, i.sha256
             FROM image_labels AS il
             JOIN image_catalog AS i ON i.id = il.image_id
             JOIN labels AS l ON l.id = il.label_id
-            WHERE il.session_id = ? AND i.status IN {statuses}
+            WHERE il.session_id = ? AND il.state IN ({marks}){confirmed}
+            AND i.status = 'ok' AND NOT {UNSAFE_RELPATH_SQL}
+            """,
+            (sid, *states),
+        ).fetchall()
+    return [(str(r[0]), str(r[1])) for r in rows]
+
+
+def unusable_labels(workspace: Workspace) -> list[ExportRow]:
+    """The labeled images export cannot write, by relative path: those whose file is missing
+    and those whose path is unsafe (`UNSAFE_RELPATH_SQL`); few, listed with their label so
+    a preview can name them. ``cluster`` is None."""
+    with workspace.read() as conn:
+        session = session_row(conn)
+        rows = conn.execute(
+            f"""
+            SELECT i.id, i.relpath, i.sha256, l.name, il.confirmed, il.state, i.status
+            FROM image_catalog AS i
+            CROSS JOIN image_labels AS il ON il.session_id = ? AND il.image_id = i.id
+            JOIN labels AS l ON l.id = il.label_id
+            WHERE i.status = 'missing' OR (i.status = 'ok' AND {UNSAFE_RELPATH_SQL})
             ORDER BY i.relpath
             """,
             (session["id"],),
         ).fetchall()
-    return [
-        ExportRow(r[0], r[1], r[2], r[3], clusters.get(int(r[0])), bool(r[4]), r[5], r[6])
-        for r in rows
-    ]
+    return [ExportRow(r[0], r[1], r[2], r[3], None, bool(r[4]), r[5], r[6]) for r in rows]
 
 
 def label_assignment(workspace: Workspace) -> list[tuple[int, int, str]]:

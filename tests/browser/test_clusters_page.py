@@ -6,6 +6,7 @@ workspace built through the library (the sample photos with class-blob vectors),
 
 from __future__ import annotations
 
+import time
 from urllib.parse import parse_qs, urlparse
 
 import pytest
@@ -86,23 +87,36 @@ def test_bug6_empty_labels_are_hidden_and_can_be_deleted(browser_page, app_serve
     assert page.get_by_role("button", name="Delete 1 empty label").count() == 0
 
 
+def strip_names(page, n: int, until, timeout: float = 30.0) -> list[str]:
+    """The labels' names in the strips' order, once ``until(names)`` holds (the component
+    redraws right after the run that changed its data) or ``timeout`` s have passed."""
+    buttons = page.locator(".icstrips button.open strong")
+    deadline = time.monotonic() + timeout
+    while True:
+        names = [t.strip() for t in buttons.all_inner_texts()]
+        if (len(names) == n and until(names)) or time.monotonic() > deadline:
+            return names
+        page.wait_for_timeout(50)
+
+
 def test_strips_show_every_cluster_and_open_it_on_the_label_page(browser_page, app_server):
     page = browser_page
     ws = labeled_workspace(app_server["workspaces"], "strips", k=10)
     labels = {s.name: s for s in lb.list_labels(ws)}
     open_page(page, app_server, "clusters", "strips")
     page.get_by_text("Clusters at a glance").wait_for()
-    buttons = page.locator('[class*="st-key-clusters_open_"] [data-testid="stButton"]')
+    buttons = page.locator(".icstrips button.open")
+    buttons.first.wait_for()  # the strips component draws after its script loads
     assert buttons.count() == len(labels)
     texts = [buttons.nth(i).inner_text() for i in range(buttons.count())]
     sizes = [int(t.split(" · ")[1].split()[0]) for t in texts]
     assert sizes == sorted(sizes, reverse=True)  # by size, the default
     assert all(t.split(" · ")[0].strip() in labels for t in texts)
-    assert page.locator('[class*="st-key-clusters_strip_"] img').count() == len(labels)
+    assert page.locator(".icstrips .strip img").count() == len(labels)
     # Sort by name.
     page.get_by_role("radio", name="Name", exact=True).click()
     settle(page)
-    names = [buttons.nth(i).inner_text().split(" · ")[0].strip() for i in range(len(labels))]
+    names = strip_names(page, len(labels), until=lambda got: got == sorted(got, key=str.lower))
     assert names == sorted(names, key=str.lower)
     # A click on a strip opens that label on the Label page, at its first page.
     target = labels[names[3]]
@@ -203,7 +217,7 @@ def test_a_suggested_name_is_accepted_in_one_click(browser_page, app_server):
     extract(ws)  # real EfficientNet-Lite0: vectors and class probabilities
     lb.start_session(ws, cluster(ws, "efficientnet-lite0", 10).id, actor="fixture")
     open_page(page, app_server, "clusters", "names")
-    button = page.locator('[class*="st-key-clusters_accept_"] [data-testid="stButton"]').first
+    button = page.locator(".icstrips button.accept").first
     button.wait_for()
     label_id = int(
         button.evaluate(
