@@ -360,7 +360,9 @@ def measure(page, url: str, name: str, repeats: int, only: str = "all") -> dict[
         out["move"].append(time.perf_counter() - t0)
         print(f"  move 3: {out['move'][-1]:.2f} s", flush=True)
         # switch label
-        labels = [s.name for s in lb.list_labels(ws)]
+        # (a label with room for the next round's clicks: k changes can leave tiny ones)
+        every = lb.list_labels(ws)
+        labels = [s.name for s in every if s.count >= 3 * repeats + 3] or [s.name for s in every]
         target = labels[(r * 7 + 3) % len(labels)]
         before = grid_ids(page)
         box = page.get_by_role("combobox", name="Label", exact=True)
@@ -408,27 +410,27 @@ def run_size(
 
 def report(results: dict[int, dict[str, list[float]]]) -> str:
     rows = [
-        ("click-to-selected (ms)", "click", 1.0, "< 50 ms"),
-        ("move 3 images (s)", "move", 1.0, "< 1 s at 1k, < 1.5 s at 10k"),
-        ("switch label (s)", "switch", 1.0, "< 1 s at 10k"),
-        ("open Clusters, warm (s)", "clusters", 1.0, "< 1.5 s at 10k"),
-        ("open Clusters, first (s)", "clusters_cold", 1.0, ""),
-        ("k change (s)", "k", 1.0, "< 1.5 s at 10k"),
-        ("k change, server CPU (s)", "k_server_cpu", 1.0, ""),
-        ("k change, browser CPU (s)", "k_browser_cpu", 1.0, ""),
-        ("open Clusters, warm, server CPU (s)", "clusters_server_cpu", 1.0, ""),
-        ("open Clusters, warm, browser CPU (s)", "clusters_browser_cpu", 1.0, ""),
-        ("open Clusters, warm, every point drawn (s)", "clusters_points", 1.0, "(every-point map)"),
-        ("k change, every point drawn (s)", "k_points", 1.0, "(every-point map)"),
-        ("reruns caused by clicks", "reruns_on_click", 1.0, "0"),
+        ("click-to-selected (ms)", "click", "< 50 ms"),
+        ("move 3 images (s)", "move", "< 1 s at 1k, < 1.5 s at 10k"),
+        ("switch label (s)", "switch", "< 1 s at 10k"),
+        ("open Clusters, warm (s)", "clusters", "< 1.5 s at 10k"),
+        ("open Clusters, first (s)", "clusters_cold", ""),
+        ("k change (s)", "k", "< 1.5 s at 10k"),
+        ("k change, server CPU (s)", "k_server_cpu", ""),
+        ("k change, browser CPU (s)", "k_browser_cpu", ""),
+        ("open Clusters, warm, server CPU (s)", "clusters_server_cpu", ""),
+        ("open Clusters, warm, browser CPU (s)", "clusters_browser_cpu", ""),
+        ("open Clusters, warm, every point drawn (s)", "clusters_points", "(every-point map)"),
+        ("k change, every point drawn (s)", "k_points", "(every-point map)"),
+        ("reruns caused by clicks", "reruns_on_click", "0"),
     ]
     sizes = sorted(results)
     head = "| measure | " + " | ".join(f"{n:,} median / worst" for n in sizes) + " | target |"
     lines = [head, "|---|" + "---:|" * len(sizes) + "---|"]
-    for title, key, scale, target in rows:
+    for title, key, target in rows:
         cells = []
         for n in sizes:
-            values = [v * scale for v in results[n].get(key, [])]
+            values = results[n].get(key, [])
             if not values:
                 cells.append("-")
             elif len(values) == 1:

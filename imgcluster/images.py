@@ -216,10 +216,12 @@ def ensure_thumbnail(workspace: Workspace, sha256: str) -> Path | None:
     if path.is_file():
         return path
     with workspace.read() as conn:
+        # `+status`: keep SQLite on the sha256 index (the status index matches nearly every
+        # row, 0.15 s per call at 1M images; a grid asks for up to 48 at once).
         relpaths = [
             row[0]
             for row in conn.execute(
-                "SELECT relpath FROM images WHERE sha256 = ? AND status = 'ok' ORDER BY id",
+                "SELECT relpath FROM images WHERE sha256 = ? AND +status = 'ok' ORDER BY id",
                 (sha256,),
             )
         ]

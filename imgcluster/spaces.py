@@ -600,13 +600,97 @@ def space_of(
         if preprocess == REFINED_PREPROCESS:
             stored = compute_space(workspace, backbone, REFINED, progress=progress, fsid=fsid)
             return stored.image_ids, stored.coords
+        kept = _stored_pca(workspace, backbone, preprocess, fsid)
+        if kept is not None:
+            return kept
         # Read from the shards block by block (no 5 GB matrix at 1M) unless already loaded.
+        started = time.perf_counter()
         source = features.vectors if features is not None else feature_rows(workspace, backbone)
         ids = features.image_ids if features is not None else source.image_ids
         space = preprocess_vectors(source, preprocess, random_state=SPACE_RANDOM_STATE)
+        _keep_pca(workspace, backbone, preprocess, fsid, ids, space, time.perf_counter() - started)
         return ids, space
 
     return _cache.get((str(workspace.db_path), backbone, fsid, preprocess), make)
+
+
+#: From this many vectors on, a PCA clustering space is stored in the workspace once computed
+#: (`space_of`): at 1M images computing it again costs ~25 s (reading 5 GB of vectors), and
+#: every fresh process that starts labeling or moves images needs it; reading it back costs
+#: a read of n x 64 float32 (256 MB at 1M). Below, recomputing is cheap and no file is kept.
+STORE_PCA_MIN_N = 50_000
+
+
+def _pca_method(preprocess: str) -> str:
+    """The ``projections.method`` of a stored clustering space (not a map: `METHODS`)."""
+    return f"space-{preprocess}"
+
+
+def _stored_pca(
+    workspace: Workspace, backbone: str, preprocess: str, fsid: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """A PCA space kept by `_keep_pca` for this feature set, or None."""
+    with workspace.read() as conn:
+        found = _stored_file(conn, workspace, backbone, _pca_method(preprocess), fsid)
+    if found is None:
+        return None
+    try:
+        # Mapped copy-on-write: pages are read when used (a start from a kept geometry reads
+        # none of them), and the array behaves as an ordinary writable one.
+        coords = np.load(found[0], mmap_mode="c")
+        ids = np.load(_ids_file(found[0]))
+    except (OSError, ValueError):
+        return None  # unreadable (a disk problem): compute it again, it is derived data
+    if coords.dtype != np.float32 or coords.ndim != 2 or len(coords) != len(ids):
+        return None
+    threading.Thread(target=_page_in, args=(coords,), daemon=True).start()
+    return ids, coords
+
+
+def _page_in(coords: np.ndarray) -> None:
+    """Touch one value per page of a mapped space in the background, so the first
+    computation over it (a move's distance columns at 1M) does not pay the page faults."""
+    step = max(1, 4096 // max(1, coords.strides[0]))
+    with contextlib.suppress(Exception):  # best effort: the pages load on use anyway
+        float(np.asarray(coords[::step, 0]).sum())
+
+
+def _ids_file(coords_file: Path) -> Path:
+    return coords_file.with_name(coords_file.stem + "-ids.npy")
+
+
+def _keep_pca(
+    workspace: Workspace,
+    backbone: str,
+    preprocess: str,
+    fsid: str,
+    ids: np.ndarray,
+    space: np.ndarray,
+    seconds: float,
+) -> None:
+    """Store a computed PCA space (bit for bit: float32 only) when it is worth a file."""
+    if len(ids) < STORE_PCA_MIN_N or space.dtype != np.float32 or not fsid:
+        return
+    method = _pca_method(preprocess)
+    # Two plain .npy files (an .npz is a zip: reading 256 MB back through it cost ~2 s).
+    relfile = f"runs/space-{backbone}-{method}-{fsid}.npy"
+    path = workspace.path / relfile
+    atomic_write(_ids_file(path), lambda fh: np.save(fh, np.asarray(ids, np.int64)))
+    atomic_write(path, lambda fh: np.save(fh, space))
+    with workspace.transaction(bump_revision=False) as conn:  # derived data: no revision
+        conn.execute(
+            "INSERT INTO projections(backbone, method, fingerprint, params, file, seconds) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(backbone, method, fingerprint) DO UPDATE "
+            "SET params = excluded.params, file = excluded.file, seconds = excluded.seconds",
+            (
+                backbone,
+                method,
+                fsid,
+                json.dumps({"random_state": SPACE_RANDOM_STATE}),
+                relfile,
+                seconds,
+            ),
+        )
 
 
 def _l2_space(rows: FeatureRows) -> tuple[np.ndarray, np.ndarray]:

@@ -147,7 +147,7 @@ def strips(ws: Workspace, table: views.LabelTable) -> None:
         page = st.pagination(n_pages, key=STRIP_PAGE_KEY) if hasattr(st, "pagination") else 1
     shown = labels[(page - 1) * STRIPS_PER_PAGE : page * STRIPS_PER_PAGE]
     members = strip_members(*common.ws_key(ws), tuple(s.id for s in shown))
-    names = suggested_names(*common.ws_key(ws), common.active_backbone(ws))
+    names = views.suggested_names(ws, common.active_backbone(ws))
     strip_rows = [
         strip_row(ws, slot, summary, members.get(summary.id, []), names.get(summary.id))
         for slot, summary in enumerate(shown)  # one per row: reading order is the sort order
@@ -218,27 +218,6 @@ def strip_row(
 @st.cache_data(max_entries=1024, show_spinner=False)
 def strip_uri(jpeg: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
-
-
-@st.cache_data(max_entries=8, show_spinner=False)
-def suggested_names(path: str, revision: int, backbone: str) -> dict[int, str]:
-    """A name for each label from its images' top ImageNet classes (issue 13 §5); empty when
-    the vectors came without class probabilities."""
-    try:
-        from imgcluster.features import suggest_names
-    except ImportError:
-        return {}
-    ws = common.workspace(path)
-    table = views.label_table(ws)
-    if table is None:
-        return {}
-    groups: dict[int, list[int]] = {}
-    for image_id, label_id in zip(table.image_ids.tolist(), table.label_ids.tolist(), strict=True):
-        groups.setdefault(int(label_id), []).append(int(image_id))
-    try:
-        return suggest_names(ws, backbone, groups)
-    except ImgclusterError:
-        return {}
 
 
 def _accept_name(ws: Workspace, label_id: int, name: str) -> str:
@@ -491,14 +470,8 @@ def density_layer(
 
 
 def point_labels(proj, table: views.LabelTable) -> np.ndarray:
-    """The label id of each point of the map (-1: no label), aligned with ``proj.image_ids``;
-    one sorted lookup in numpy (a dict per image cost ~1 s at 1M images)."""
-    order = np.argsort(table.image_ids, kind="stable")
-    ids, labels = table.image_ids[order], table.label_ids[order]
-    if not len(ids):
-        return np.full(len(proj.image_ids), -1, dtype=np.int64)
-    pos = np.clip(np.searchsorted(ids, proj.image_ids), 0, len(ids) - 1)
-    return np.where(ids[pos] == proj.image_ids, labels[pos], -1).astype(np.int64)
+    """The label id of each point of the map (-1: no label), aligned with ``proj.image_ids``."""
+    return table.labels_of(proj.image_ids)
 
 
 def centroids(proj, labels: np.ndarray, names: dict[int, str]) -> list[tuple]:
@@ -661,11 +634,31 @@ export default function ({ data }) {
       tip.style.top = `${(e.clientY || 0) + 16}px`;
       tip.style.display = "block";
     });
-    gd.on("plotly_unhover", () => { tip.style.display = "none"; });
+    const hide = () => { tip.style.display = "none"; };
+    gd.on("plotly_unhover", hide);
+    // Plotly does not always send an unhover (a fast exit, a drag, a scroll): the photo
+    // never outlives the pointer over the map.
+    gd.addEventListener("mouseleave", hide);
+    gd.on("plotly_selecting", hide);
   };
+  const hideOnScroll = () => { tip.style.display = "none"; };
+  window.addEventListener("scroll", hideOnScroll, { capture: true, passive: true });
+  if (!window.__icTipGuard) {
+    // A redrawn map sends no unhover for the chart it replaced: any pointer move off a map
+    // hides the photo.
+    window.__icTipGuard = true;
+    document.addEventListener("pointermove", (e) => {
+      const over = e.target && e.target.closest && e.target.closest(".js-plotly-plot");
+      if (!over) tip.style.display = "none";
+    }, { passive: true });
+  }
   attach();
   const timer = setInterval(attach, 700);
-  return () => { clearInterval(timer); tip.style.display = "none"; };
+  return () => {
+    clearInterval(timer);
+    window.removeEventListener("scroll", hideOnScroll, { capture: true });
+    tip.style.display = "none";
+  };
 }
 """
 
@@ -761,14 +754,15 @@ def _remember_every_point() -> None:
 def selection_panel(ws: Workspace, ids: list[int], table: views.LabelTable) -> None:
     st.markdown(f"**{len(ids):,} images selected on the map**")
     rows = common.image_rows_by_id(*common.ws_key(ws))
-    label_of = dict(zip(table.image_ids.tolist(), table.label_ids.tolist(), strict=True))
+    selected = table.labels_of(np.asarray(ids, dtype=np.int64))
+    label_of = {i: int(lab) for i, lab in zip(ids, selected.tolist(), strict=True) if lab >= 0}
     names = table.name_of()
     views.move_form(
         ws,
         ids,
         [s.name for s in table.summaries],
         key="clusters_move",
-        shown={i: label_of[i] for i in ids if i in label_of},
+        shown=label_of,
         after=views.clear_map_selection,
     )
     preview = [i for i in ids[: views.SELECTION_PREVIEW] if i in rows]

@@ -399,8 +399,17 @@ def skipped(path: str, revision: int) -> list[tuple[str, str]]:
     return workspace(path).skipped()
 
 
+def feature_counts(ws: Workspace) -> dict[str, int]:
+    """Usable images with a vector, per backbone; recounted only when the images or the stored
+    vectors changed, not after each label write (a join over every image: seconds at 1M)."""
+    from imgcluster.features import shards_version
+    from imgcluster.workspace import images_version
+
+    return _feature_counts(str(ws.path), images_version(ws), shards_version(ws))
+
+
 @st.cache_data(max_entries=64, show_spinner=False)
-def feature_counts(path: str, revision: int) -> dict[str, int]:
+def _feature_counts(path: str, images: tuple, shards: tuple) -> dict[str, int]:
     from imgcluster.features import feature_counts as counts
 
     return counts(workspace(path))
@@ -428,7 +437,7 @@ def active_backbone(ws: Workspace) -> str:
     session_backbone = labels_backbone(ws)
     if session_backbone:
         return session_backbone
-    counts = feature_counts(*ws_key(ws))
+    counts = feature_counts(ws)
     if counts.get(DEFAULT_BACKBONE) or not counts:
         return DEFAULT_BACKBONE
     return max(counts, key=lambda name: counts[name])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -101,7 +102,6 @@ class LabelTable:
     summaries: list[lb.LabelSummary]
     image_ids: np.ndarray  # int64
     label_ids: np.ndarray  # int64, aligned with image_ids
-    relpaths: list[str]
     version: int
     #: Names of the labels that hold no image (hidden from lists; see `delete_empty_labels`).
     empty: list[str] = field(default_factory=list)
@@ -113,26 +113,40 @@ class LabelTable:
     def name_of(self) -> dict[int, str]:
         return {s.id: s.name for s in self.summaries}
 
+    @cached_property
+    def _by_image(self) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(self.image_ids, kind="stable")
+        return self.image_ids[order], self.label_ids[order]
+
+    def labels_of(self, image_ids: np.ndarray) -> np.ndarray:
+        """The label id of each image (-1: none); one sorted lookup in numpy (a dict per image
+        cost ~1 s at 1M images)."""
+        image_ids = np.asarray(image_ids, dtype=np.int64)
+        ids, labels = self._by_image
+        if not len(ids):
+            return np.full(len(image_ids), -1, dtype=np.int64)
+        pos = np.clip(np.searchsorted(ids, image_ids), 0, len(ids) - 1)
+        return np.where(ids[pos] == image_ids, labels[pos], -1).astype(np.int64)
+
 
 @st.cache_resource(max_entries=6, show_spinner=False)
 def _label_table(path: str, revision: int) -> LabelTable | None:
     # A shared resource, not a copy per call (a page asks for it several times a rerun):
     # nobody mutates a LabelTable. Few entries: an old revision's table is never asked again
     # by a page that is up to date, and one is large on a big workspace.
-    from imgcluster.labels.queries import label_assignment
+    from imgcluster.labels.queries import label_arrays
 
     ws = common.workspace(path)
     try:
         every = lb.list_labels(ws, include_empty=True)
-        rows = label_assignment(ws)
+        image_ids, label_ids = label_arrays(ws)
         session = lb.active_session(ws)
     except NoLabelSession:
         return None
     return LabelTable(
         summaries=[s for s in every if s.count],
-        image_ids=np.array([r[0] for r in rows], dtype=np.int64),
-        label_ids=np.array([r[1] for r in rows], dtype=np.int64),
-        relpaths=[r[2] for r in rows],
+        image_ids=image_ids,
+        label_ids=label_ids,
         version=session.version if session else 0,
         empty=[s.name for s in every if not s.count],
     )
@@ -140,6 +154,49 @@ def _label_table(path: str, revision: int) -> LabelTable | None:
 
 def label_table(ws: Workspace) -> LabelTable | None:
     return _label_table(*common.ws_key(ws))
+
+
+# -- suggested names (issue 13 §5) ----------------------------------------------------------
+
+
+def suggested_names(ws: Workspace, backbone: str) -> dict[int, str]:
+    """Label id -> a name from its images' top ImageNet classes ("sandal / clog"); empty when
+    the vectors came without class probabilities. One computation per revision for every
+    label, shared by the Clusters strips and the Label page."""
+    return _suggested_names(*common.ws_key(ws), backbone)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _suggested_names(path: str, revision: int, backbone: str) -> dict[int, str]:
+    from imgcluster import spaces
+    from imgcluster.features import suggest_names
+
+    ws = common.workspace(path)
+    table = _label_table(path, revision)
+    if table is None or not len(table.label_ids):
+        return {}
+    try:
+        top = _top_classes(path, backbone, spaces.feature_state(ws, backbone)[1])
+        if not len(top[0]):
+            return {}
+        order = np.argsort(table.label_ids, kind="stable")
+        labels, starts = np.unique(table.label_ids[order], return_index=True)
+        groups = {
+            int(label): table.image_ids[rows]
+            for label, rows in zip(labels, np.split(order, starts[1:]), strict=True)
+        }
+        return suggest_names(ws, backbone, groups, top=top)
+    except ImgclusterError:
+        return {}
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _top_classes(path: str, backbone: str, feature_set_id: str) -> tuple[Any, Any]:
+    """The feature set's stored top classes, read once per feature set (a k change or a move
+    regroups them without reading every feature row again); read-only for callers."""
+    from imgcluster.features import feature_top_classes
+
+    return feature_top_classes(common.workspace(path), backbone)
 
 
 # -- actions ----------------------------------------------------------------------------------

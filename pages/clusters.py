@@ -150,7 +150,7 @@ def _add(ws: Workspace, n_new: int, k: int) -> str:
 
 def follow_k(ws: Workspace, backbone: str, k: int) -> None:
     """Make the labels follow the k control; ask first once they carry edits."""
-    session, _run_k, edits, summaries = labels_state(ws)
+    session, run_k, edits, summaries = labels_state(ws)
     if session is None:
         _start(ws, backbone, k, replace=False)
         st.session_state.pop(PENDING_KEY, None)
@@ -158,6 +158,12 @@ def follow_k(ws: Workspace, backbone: str, k: int) -> None:
     pending = st.session_state.get(PENDING_KEY)
     if pending is None or pending != k or (session.backbone == backbone and k == len(summaries)):
         st.session_state.pop(PENDING_KEY, None)
+        if edits == 0 and session.backbone == backbone and _refined_waiting(ws, backbone, session):
+            # Issue 13 §1: the refined space became ready before anyone labeled anything:
+            # the clusters move to it (same k). Once there is an edit, only the offer
+            # (`refined_offer`) re-clusters, keeping the decisions.
+            _start(ws, backbone, int(run_k or len(summaries)), replace=True)
+            st.toast("Clusters moved to the refined space, now ready (nothing was labeled yet)")
         return
     if edits == 0:
         _start(ws, backbone, k, replace=True)
@@ -257,23 +263,27 @@ def _recluster_refined(ws: Workspace, backbone: str, session: Any) -> str:
     return f"{applied.summary}, in the refined space; your decisions kept (Undo reverts it)"
 
 
+def _refined_waiting(ws: Workspace, backbone: str, session: Any) -> bool:
+    """The session's run is not in the refined space, and the refined space is ready."""
+    from imgcluster import spaces
+
+    try:
+        if run_space(str(ws.path), session.run_id) == spaces.REFINED_PREPROCESS:
+            return False
+        return spaces.best_preprocess(ws, backbone) == spaces.REFINED_PREPROCESS
+    except ImgclusterError:
+        return False
+
+
 def refined_offer(ws: Workspace, backbone: str) -> None:
     """Issue 13 §1: once the refined space is ready and labeling has started, offer to
     re-cluster the undecided images in it, keeping every decision (confirmed, moved by hand,
     excluded). Labels never change by themselves: only this button does it, and Undo reverts."""
-    from imgcluster import spaces
 
     session, _run_k, edits = views.session_info(ws)
     if session is None or edits == 0 or session.backbone != backbone:
         return
-    if st.session_state.get(_offer_key(session)):
-        return
-    try:
-        in_refined = run_space(str(ws.path), session.run_id) == spaces.REFINED_PREPROCESS
-        ready = spaces.best_preprocess(ws, backbone) == spaces.REFINED_PREPROCESS
-    except ImgclusterError:
-        return
-    if in_refined or not ready:
+    if st.session_state.get(_offer_key(session)) or not _refined_waiting(ws, backbone, session):
         return
     with st.container(border=True, key="clusters_refined_offer"):
         st.info(
@@ -298,20 +308,38 @@ def refined_offer(ws: Workspace, backbone: str) -> None:
 
 def space_note(ws: Workspace, backbone: str) -> None:
     """Which space the clusters are computed in, and where the refined one stands (issue 13:
-    it is made in the background; the page never waits for it). Reads no vectors."""
+    it is made in the background; the page never waits for it). Reads no vectors.
+
+    While the space is being made the note polls (a fragment, every 5 s); when it becomes
+    ready the whole page reruns once, so untouched clusters move to it (`follow_k`) and
+    edited ones get the offer (`refined_offer`) without the annotator having to click.
+    """
     try:
         from imgcluster import spaces
 
         status = spaces.space_status(ws, backbone)
     except (ImportError, AttributeError, ImgclusterError):
         return
+    waiting = status.state == "running" or (status.state == "not started" and common.umap_enabled())
+
+    @st.fragment(run_every=5 if waiting else None)
+    def note() -> None:
+        now = spaces.space_status(ws, backbone) if waiting else status
+        if waiting and now.state == "ready":
+            st.rerun()  # the whole page, once: the clusters follow the new space
+        _space_caption(now)
+
+    note()
+
+
+def _space_caption(status: Any) -> None:
     if status.state == "ready":
         st.caption("Clustering space: refined (UMAP, 10-d), computed once for these features.")
     elif status.state == "running":
         done = f" ({status.fraction:.0%})" if status.fraction is not None else ""
         st.caption(
             f"Clustering space: PCA for now; the refined space is being computed{done} and "
-            "takes over when ready (your labels never change under you)."
+            "takes over when ready (labels you have edited never change under you)."
         )
     elif status.state == "failed":
         st.caption(f"Refined space failed; clustering uses PCA. {common.md_escape(status.message)}")
@@ -378,7 +406,7 @@ def main() -> None:
     st.title("Clusters")
     common.show_flash()
     backbone = common.active_backbone(ws)
-    n = common.feature_counts(*common.ws_key(ws)).get(backbone, 0)
+    n = common.feature_counts(ws).get(backbone, 0)
     if n < 3:
         st.info(f"Compute {backbone} features first.")
         st.page_link("pages/features.py", label="Features", icon=":material/arrow_back:")

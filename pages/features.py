@@ -55,7 +55,7 @@ def main() -> None:
         st.info("No usable image in this workspace yet.")
         st.page_link("pages/images.py", label="Images", icon=":material/arrow_back:")
         return
-    done = common.feature_counts(*common.ws_key(ws))
+    done = common.feature_counts(ws)
     # Offline ones first; "best quality: Lite0 + Lite2" (a fusion) is one of the choices.
     backbones = sorted(list_feature_sets(), key=lambda b: not b.offline)
     names = [b.name for b in backbones]

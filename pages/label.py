@@ -314,22 +314,6 @@ def progress_panel(ws: Workspace, table: views.LabelTable, summary: lb.LabelSumm
         )
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
-def _suggested_name(path: str, revision: int, backbone: str, label_id: int, ids: tuple) -> str:
-    """A name from the label's mean ImageNet classes ("" when there are no stored class
-    probabilities, e.g. features extracted before they were kept)."""
-    try:
-        from imgcluster.features import suggest_names
-    except ImportError:
-        return ""
-    try:
-        return suggest_names(common.workspace(path), backbone, {label_id: list(ids)}).get(
-            label_id, ""
-        )
-    except ImgclusterError:
-        return ""
-
-
 def _accept_name(ws: Workspace, label_id: int, name: str, version: int) -> str:
     return lb.rename(ws, label_id, name, actor=views.actor(), expected=version).summary
 
@@ -341,8 +325,7 @@ def suggestion(ws: Workspace, table: views.LabelTable, summary: lb.LabelSummary)
     session = lb.active_session(ws)
     if session is None:
         return
-    ids = tuple(int(i) for i in table.image_ids[table.label_ids == summary.id].tolist())
-    name = _suggested_name(str(ws.path), ws.revision, session.backbone, summary.id, ids)
+    name = views.suggested_names(ws, session.backbone).get(summary.id, "")
     if not name or name in table.names:
         return
     cols = st.columns([4, 2], vertical_alignment="center")

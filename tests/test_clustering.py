@@ -474,3 +474,20 @@ def test_a_run_stored_as_rows_by_an_older_version_reads_as_it_was_stored(ws: Wor
     assert C.run_assignments(ws, run.id) == dict(
         zip(run.image_ids.tolist(), run.labels.tolist(), strict=True)
     )
+    # a big row run keeps a copy of its columns once read (1M rows cost seconds to read)
+    order = np.argsort(run.image_ids)
+    expected = (run.image_ids[order], run.labels[order])
+    for threshold, copies in ((10**9, 0), (1, 1)):
+        runs.clear_cache()
+        runs.ROW_RUN_COPY_MIN_N, saved = threshold, runs.ROW_RUN_COPY_MIN_N
+        try:
+            got = runs.run_cluster_arrays(ws, run.id)
+        finally:
+            runs.ROW_RUN_COPY_MIN_N = saved
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+        assert len(list(ws.runs_dir.glob("*-assignments.npz"))) == copies
+    with sqlite3.connect(ws.db_path) as conn:  # the copy is read, not the rows
+        conn.execute("DELETE FROM assignments WHERE run_id = ?", (run.id,))
+    runs.clear_cache()
+    got = runs.run_cluster_arrays(ws, run.id)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))

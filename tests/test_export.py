@@ -903,3 +903,49 @@ def test_export_warnings_say_what_to_look_at_first(tmp_path: Path, labeled_ws) -
     # hand are decisions); cluster_07 was renamed, not reviewed.
     assert "cluster_07" in kinds["unreviewed"].labels and "Bags" not in kinds["unreviewed"].labels
     assert plan.n_left_out == sum(plan.left_out.values()) and plan.left_out["missing"] == 1
+
+
+def _golden_items() -> list[ExportItem]:
+    """60 images in 3 labels; 13 contents appear twice, some of them in two labels."""
+    items = []
+    for i in range(60):
+        label = ("shoes", "hats", "bags")[i % 3] if i % 7 else "hats"
+        items.append(ExportItem(f"/src/{i}.jpg", f"{i}.jpg", label, f"{(i * 37) % 47:02x}"))
+    return items
+
+
+@pytest.mark.parametrize(
+    ("proportions", "random_state", "expected"),
+    [
+        (
+            (0.8, 0.2),
+            0,
+            "trtrtrtrtrtrtrtrtrvavatrtrtrtrtrtrtrtrtrtrtrtrtrvatrvatrtrvatrvavatrtrtrtrtrva"
+            "trtrtrtrtrvavatrtrtrtrtrtrtrtrtrtrvavatrtr",
+        ),
+        (
+            (0.7, 0.15, 0.15),
+            3,
+            "tetrvatetrtrtrtrtrtevavatrtrtrtetrtrtrtrtrtrtrtrtrtrtrtrvatrtrtrtrvatrtetrtrtr"
+            "trtetrtrtrtrvavatetrvatetrtrtrtrtrtevavatr",
+        ),
+    ],
+)
+def test_split_is_the_same_as_before_vectorising(proportions, random_state, expected) -> None:
+    from imgcluster.export.plan import SPLIT_NAMES, split_counts
+
+    # Golden splits made by the per-item Python loop `split_items` was before it was vectorised
+    # (issue 15: 1M items): the same items and random_state must keep every image's split.
+    items = _golden_items()
+    splits = split_items(items, proportions, random_state=random_state)
+    assert "".join(s[:2] for s in splits) == expected
+    assert split_items([], proportions) == []
+    # The preview's counts (no split name per image) are those of the per-image split.
+    counted = split_counts(
+        [i.label for i in items], [i.sha256 for i in items], proportions, random_state=random_state
+    )
+    per_image = Counter(zip([i.label for i in items], splits, strict=True))
+    assert counted == {
+        label: {s: per_image[(label, s)] for s in SPLIT_NAMES[len(proportions)]}
+        for label in sorted({i.label for i in items})
+    }

@@ -22,9 +22,11 @@ from imgcluster.errors import UnknownBackbone
 from imgcluster.features import (
     CACHE_ENV,
     FeatureExtractor,
+    class_scores,
     extract,
     feature_count,
     feature_set_id,
+    feature_top_classes,
     l2_normalize,
     load_extractor,
     load_features,
@@ -184,3 +186,14 @@ def test_suggested_names_come_from_the_real_head_and_name_the_shoes_footwear(ext
     assert len(ids) == 24 and top.shape == (24, 10)
     assert np.all(np.diff(top[:, 5:], axis=1) <= 0) and np.all(top[:, 5:].sum(axis=1) <= 1 + 1e-5)
     assert suggest_names(ws, FUSED, {99: []}) == {}
+    # Scores summed from the top classes equal the mean of the dense probability rows, and a
+    # caller's preloaded table gives the same names.
+    dense = np.zeros((len(ids), 1000), dtype=np.float64)
+    for row, entry in enumerate(top):
+        dense[row, entry[:5].astype(int)] = entry[5:]
+    position = {int(i): row for row, i in enumerate(ids)}
+    scores = class_scores(ws, FUSED, groups)
+    for label_id, members in groups.items():
+        expected = dense[[position[i] for i in members]].mean(axis=0)
+        np.testing.assert_allclose(scores[label_id], expected, atol=1e-6)
+    assert suggest_names(ws, FUSED, groups, top=feature_top_classes(ws, FUSED)) == names

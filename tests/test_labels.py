@@ -37,9 +37,13 @@ from imgcluster.errors import (
 )
 from imgcluster.features import save_vectors
 from imgcluster.images import ingest, relocate
+from imgcluster.labels import queries
+from imgcluster.labels._store import image_states
+from imgcluster.labels.audit import started_images
 from imgcluster.workspace import Workspace
 from tests.conftest import FMNIST as SAMPLE_DATA  # 6 classes x 30 grey PNGs
 from tests.conftest import PROJECT, read_truth
+from tests.robustness.invariants import audit_mismatches
 
 BACKBONE = "synthetic"
 
@@ -97,14 +101,8 @@ def _state(ws: Workspace) -> tuple[dict, dict]:
                 (sid,),
             )
         }
-        images = {
-            r[0]: (r[1], r[2], r[3], r[4], r[5])
-            for r in conn.execute(
-                "SELECT image_id, label_id, confirmed, state, confidence, by_hand "
-                "FROM image_labels WHERE session_id = ?",
-                (sid,),
-            )
-        }
+        # image_labels holds the rows that differ from the start; the rest are implicit
+        images = image_states(conn, sid)
     return labels, images
 
 
@@ -119,6 +117,7 @@ def _replay(ws: Workspace) -> tuple[dict, dict]:
             "SELECT changes FROM audit_log WHERE session_id = ? ORDER BY id", (sid,)
         ):
             payload = json.loads(changes)
+            images.update(started_images(conn, payload))  # a start's rows, by reference
             for label_id, _before, after in payload["labels"]:
                 if after is None:
                     labels.pop(label_id, None)
@@ -934,3 +933,126 @@ def test_two_processes_doing_500_random_operations_each(ws: Workspace, tmp_path:
     # the two really ran concurrently: their steps interleave in the log
     switches = sum(1 for a, b in itertools.pairwise(log) if a[1] != b[1])
     assert switches > 20
+
+
+# -- implicit start rows (issue 15 §3: starting labeling < 1 s at 1M images) -------------------
+
+
+def _stored_rows(ws: Workspace) -> int:
+    with ws.read() as conn:
+        sid = conn.execute("SELECT id FROM label_sessions WHERE active = 1").fetchone()[0]
+        return conn.execute(
+            "SELECT COUNT(*) FROM image_labels WHERE session_id = ?", (sid,)
+        ).fetchone()[0]
+
+
+def _materialise(ws: Workspace, path: Path) -> Workspace:
+    """A copy of ``ws`` whose session stores every row, as sessions started before the
+    implicit start rows did (``base`` NULL)."""
+    shutil.copytree(ws.path, path)
+    copy = Workspace(path)
+    with copy.transaction() as conn:
+        sid = conn.execute("SELECT id FROM label_sessions WHERE active = 1").fetchone()[0]
+        rows = image_states(conn, sid)
+        conn.execute("UPDATE label_sessions SET base = NULL WHERE id = ?", (sid,))
+        conn.executemany(
+            "INSERT OR REPLACE INTO image_labels(session_id, image_id, label_id, confirmed, "
+            "state, confidence, by_hand) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(sid, i, *r) for i, r in rows.items()],
+        )
+    return copy
+
+
+def _everything_read(ws: Workspace) -> dict[str, object]:
+    """What every reader of the session returns (pages in each order, with a search)."""
+    out: dict[str, object] = {
+        "labels": L.list_labels(ws, include_empty=True),
+        "progress": L.progress(ws),
+        "export": L.current_labels(ws, include_missing=True),
+        "counts": L.label_state_counts(ws),
+        "hashes": sorted(L.labeled_hashes(ws, states=("normal", "unsure"))),
+        "unusable": L.unusable_labels(ws),
+        "assignment": [a.tolist() for a in queries.label_arrays(ws)],
+        "misplaced": L.misplaced(ws),
+    }
+    for summary in L.list_labels(ws):
+        for order in L.ORDERS:
+            out[f"{summary.id}/{order}"] = L.label_images(ws, summary.id, order=order, limit=500)
+        out[f"{summary.id}/search"] = L.label_images(ws, summary.id, search="1", limit=500)
+    return out
+
+
+def test_start_stores_no_image_row_and_reads_as_stored_rows_do(
+    ws: Workspace, tmp_path: Path
+) -> None:
+    """A started session keeps its rows implicit in the run: ``image_labels`` holds only the
+    images an operation changed, and every reader (counts, pages in each order, export rows,
+    the geometry) returns what a session storing every row returns."""
+    assert _stored_rows(ws) == 0
+    first, second = L.list_labels(ws)[:2]
+    moved = [im.image_id for im in L.label_images(ws, first.id, limit=4)]
+    L.move(ws, moved, second.id, actor="alice")
+    L.set_state(ws, [L.label_images(ws, second.id, limit=1)[0].image_id], "excluded", actor="bob")
+    L.confirm(ws, first.id, actor="alice")
+    assert 0 < _stored_rows(ws) < len(ws.images())
+    stored = _materialise(ws, tmp_path / "stored")
+    assert _stored_rows(stored) == sum(s.count for s in L.list_labels(ws, include_empty=True))
+    assert _everything_read(stored) == _everything_read(ws)
+    assert audit_mismatches(ws) == [] and audit_mismatches(stored) == []
+    # both go on alike: an undo on each leaves equal states
+    L.undo(ws, actor="alice")
+    L.undo(stored, actor="alice")
+    assert _everything_read(stored) == _everything_read(ws)
+
+
+def test_a_row_back_at_its_start_value_is_implicit_again(ws: Workspace) -> None:
+    """Undoing a move deletes the rows it stored (they equal the start again), redo stores
+    them again, and the audit log replays to the state at every step."""
+    before = _state(ws)
+    label_id = L.list_labels(ws)[0].id
+    images = [im.image_id for im in L.label_images(ws, label_id, limit=5)]
+    L.move(ws, images, "picked", actor="alice")
+    assert _stored_rows(ws) == 5 and audit_mismatches(ws) == []
+    L.undo(ws, actor="alice")
+    assert _stored_rows(ws) == 0 and _state(ws)[1] == before[1]
+    assert audit_mismatches(ws) == []
+    L.redo(ws, actor="alice")
+    assert _stored_rows(ws) == 5 and audit_mismatches(ws) == []
+    L.move(ws, images, label_id, actor="alice")  # back by hand: by_hand differs, rows stay
+    back = [r for r in L.label_images(ws, label_id, limit=500) if r.image_id in images]
+    assert _stored_rows(ws) == 5 and len(back) == 5 and all(r.by_hand for r in back)
+
+
+def test_a_session_that_stores_every_row_goes_on_working(ws: Workspace, tmp_path: Path) -> None:
+    """Sessions started before the implicit rows (every row stored, ``base`` NULL) read and
+    write as before: moves, undo, and a replay of the log that matches."""
+    stored = _materialise(ws, tmp_path / "stored")
+    n = _stored_rows(stored)
+    label_id = L.list_labels(stored)[0].id
+    images = [im.image_id for im in L.label_images(stored, label_id, limit=3)]
+    L.move(stored, images, "picked", actor="alice")
+    assert _stored_rows(stored) == n and audit_mismatches(stored) == []
+    L.undo(stored, actor="alice")
+    assert _stored_rows(stored) == n and audit_mismatches(stored) == []
+    assert "picked" not in {s.name for s in L.list_labels(stored, include_empty=True)}
+    assert _state(stored) == _state(_materialise(ws, tmp_path / "again"))
+
+
+def test_label_arrays_are_the_usable_images_labels_without_a_row_object_each(
+    ws: Workspace,
+) -> None:
+    """The app's map and charts read `label_arrays`: exactly `current_labels`' image -> label
+    of the usable images, after a move, with a missing file left out."""
+    first, second = L.list_labels(ws)[:2]
+    moved = [im.image_id for im in L.label_images(ws, first.id, limit=3)]
+    L.move(ws, moved, second.id, actor="alice")
+    gone = ws.images()[5]
+    with ws.transaction() as conn:  # what a rescan records for a deleted file
+        conn.execute("UPDATE images SET status = 'missing' WHERE id = ?", (gone.id,))
+    ids, label_ids = queries.label_arrays(ws)
+    by_name = {s.name: s.id for s in L.list_labels(ws, include_empty=True)}
+    expected = {r.image_id: by_name[r.label] for r in L.current_labels(ws)}
+    assert gone.id not in set(ids.tolist()) and gone.id not in expected
+    assert dict(zip(ids.tolist(), label_ids.tolist(), strict=True)) == expected
+    assert np.all(np.diff(ids) > 0) and ids.dtype == label_ids.dtype == np.int64
+    assert all(expected[i] == second.id for i in moved)

@@ -226,3 +226,131 @@ def test_images_extracted_after_the_state_was_built_get_labels_and_geometry(
     assert held[late.id][1] is not None  # it has a distance now
     geometry._CACHE.clear()
     assert _table(ws) == held
+
+
+def _by_name(workspace: Workspace, table: dict[int, tuple]) -> dict[int, tuple]:
+    """A snapshot with label names for label ids (own label and nearest other label)."""
+    names = {s.id: s.name for s in L.list_labels(workspace, include_empty=True)}
+    return {i: (names[v[0]], *v[1:-1], names.get(v[-1])) for i, v in table.items()}
+
+
+def test_a_start_reads_the_geometry_a_start_from_the_same_run_kept(
+    ws: Workspace,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A start from a run keeps its geometry (from `KEEP_START_MIN_N` images on); a later
+    start from the same run and space reads it back, in its own label ids, bit for bit what
+    a build from nothing gives, and moves update it exactly as they update a built one."""
+    monkeypatch.setattr(geometry, "KEEP_START_MIN_N", 1)  # the sample is small; same rule
+    run_id = L.active_session(ws).run_id
+    L.start_session(ws, run_id, actor="a", replace=True)  # builds and keeps it
+    kept = list(ws.runs_dir.glob("start-geometry-*"))
+    assert len(kept) == 1 and (kept[0] / "scale.npy").exists()
+    built = _by_name(ws, _table(ws))
+    geometry._CACHE.clear()
+    L.start_session(ws, run_id, actor="a", replace=True)  # reads the kept one
+    read_back = _table(ws)
+    assert _by_name(ws, read_back) == built
+    geometry._CACHE.clear()
+    assert _table(ws) == read_back  # = a build from nothing in this session's label ids
+    L.start_session(ws, run_id, actor="a", replace=True)
+    ids = [im.id for im in ws.images()]
+    rng = random.Random(2)
+    for step in range(4):
+        L.move(ws, rng.sample(ids, 15), rng.choice(L.list_labels(ws)).id, actor="a")
+        incremental = _table(ws)
+        geometry._CACHE.clear()
+        assert _table(ws) == incremental, f"step {step}"
+
+
+def _same_state(updated: geometry._State, built: geometry._State) -> None:
+    """Every output, and every live label's distance column, equal bit for bit (columns
+    matched by label id: an updated state appends new labels' columns)."""
+    np.testing.assert_array_equal(updated.out, built.out)
+    np.testing.assert_array_equal(updated.other, built.other)
+    labels_of = np.asarray([*updated.column_labels, -1])
+    built_labels = np.asarray([*built.column_labels, -1])
+    np.testing.assert_array_equal(labels_of[updated.other_col], built_labels[built.other_col])
+    for lab, c in built.columns.items():
+        np.testing.assert_array_equal(updated.dist[:, updated.columns[lab]], built.dist[:, c])
+
+
+def test_updates_above_the_exact_silhouette_size_equal_a_build(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Above `EXACT_SILHOUETTE_MAX_N` normal rows an update recomputes only the rows whose
+    numbers can change (block by block, a busy block whole): after every step of a random
+    sequence of moves, state changes, new and emptied labels, it equals a build from scratch
+    bit for bit (small blocks, so both per-block paths and several product blocks run)."""
+    from imgcluster.clustering import EXACT_SILHOUETTE_MAX_N
+
+    monkeypatch.setattr(geometry, "_BLOCK", 512)
+    monkeypatch.setattr(geometry, "_PRODUCT_BLOCK", 300)
+    rng = np.random.default_rng(7)
+    n = EXACT_SILHOUETTE_MAX_N + 1500
+    centres = rng.normal(size=(12, 16)).astype(np.float32) * 3
+    blob = rng.integers(0, 12, n)
+    space = (centres[blob] + rng.normal(size=(n, 16)).astype(np.float32)).astype(np.float32)
+    label_of = (blob % 8).astype(np.int64) + 10
+    normal = np.ones(n, bool)
+    state = geometry._State.build(space, label_of.copy(), normal.copy())
+    paths: set[str] = set()
+    outputs_at = state._outputs_at
+
+    def spy(index: np.ndarray | slice, **kw: bool) -> None:
+        paths.add("slice" if isinstance(index, slice) else "rows")
+        outputs_at(index, **kw)
+
+    monkeypatch.setattr(state, "_outputs_at", spy)
+    for step in range(40):
+        kind = step % 5
+        if kind == 0:  # a few images of one label to another
+            src = np.flatnonzero(label_of == 10 + step % 8)
+            rows = rng.choice(src, min(len(src), int(rng.integers(1, 30))), replace=False)
+            to = np.full(len(rows), 10 + (step + 3) % 8)
+        elif kind == 1:  # many random images to one label
+            rows = rng.choice(n, 400, replace=False)
+            to = np.full(len(rows), 10 + step % 8)
+        elif kind == 2:  # a new label: first 3 images (not a reference yet), then more
+            rows = rng.choice(n, 3 if step % 10 == 2 else 8, replace=False)
+            to = np.full(len(rows), 100 + step // 10)
+        elif kind == 3:  # images leave labels (unlabeled) or their state changes
+            rows = rng.choice(n, 20, replace=False)
+            to = np.where(rng.random(len(rows)) < 0.5, -1, label_of[rows])
+        else:  # empty a small label
+            small = [lab for lab in np.unique(label_of) if 0 < (label_of == lab).sum() < 20]
+            rows = np.flatnonzero(label_of == small[0]) if small else rng.choice(n, 2)
+            to = np.full(len(rows), 10 + step % 8)
+        rows = np.asarray(rows, np.int64)
+        new_normal = np.where(to >= 0, rng.random(len(rows)) < 0.8, False)
+        label_of[rows], normal[rows] = to, new_normal
+        state.update(rows, to, new_normal, np.zeros(len(rows), bool))
+        built = geometry._State.build(space, label_of.copy(), normal.copy())
+        assert not built._exact_regime()
+        _same_state(state, built)
+    assert paths == {"slice", "rows"}  # both per-block paths ran (and the full one)
+
+
+def test_an_update_leaving_the_exact_silhouette_size_recomputes_every_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Up to `EXACT_SILHOUETTE_MAX_N` normal rows silhouettes are exact; a change that
+    crosses that size must not keep the exact values of rows it does not touch (a build
+    gives the simplified ones there)."""
+    monkeypatch.setattr("imgcluster.clustering.EXACT_SILHOUETTE_MAX_N", 300)
+    monkeypatch.setattr(geometry, "_BLOCK", 8)  # untouched rows stay untouched
+    rng = np.random.default_rng(5)
+    n = 400
+    centres = rng.normal(size=(8, 6)).astype(np.float32) * 3
+    blob = rng.integers(0, 8, n)
+    space = (centres[blob] + rng.normal(size=(n, 6)).astype(np.float32)).astype(np.float32)
+    label_of = blob.astype(np.int64) + 1
+    normal = np.arange(n) < 295
+    state = geometry._State.build(space, label_of.copy(), normal.copy())
+    assert state._exact_regime()
+    rows = np.flatnonzero(~normal & (label_of == 1))[:10]  # excluded images back to normal
+    normal[rows] = True
+    state.update(rows, label_of[rows], normal[rows], np.zeros(len(rows), bool))
+    built = geometry._State.build(space, label_of.copy(), normal.copy())
+    assert not built._exact_regime()
+    _same_state(state, built)

@@ -426,3 +426,23 @@ def test_feature_state_follows_new_vectors_and_outlives_other_writes(tmp_path: P
     save_vectors(ws, BACKBONE, [images[150].sha256], np.ones((1, 32)))
     with ws.read() as conn:
         assert S.feature_state(ws, BACKBONE) == (101, feature_set_id(conn, BACKBONE))
+
+
+def test_a_big_pca_space_is_stored_once_and_read_back_bit_for_bit(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From `STORE_PCA_MIN_N` vectors on, the PCA clustering space is kept in the workspace
+    (at 1M images computing it again costs ~25 s per process that starts labeling): a fresh
+    process reads the same float32 array back instead of reading every vector."""
+    monkeypatch.setattr(S, "STORE_PCA_MIN_N", 1)  # the sample is small; the rule is the same
+    fsid = S.feature_set(ws, "synthetic")
+    ids, space = S.space_of(ws, "synthetic", "pca")
+    kept = sorted(p.name for p in ws.runs_dir.glob("space-*"))
+    assert len(kept) == 2 and all(name.endswith(".npy") for name in kept), kept
+    S._cache._items.clear()  # what a fresh process holds
+    again_ids, again = S.space_of(ws, "synthetic", "pca")
+    assert again.dtype == np.float32 and np.array_equal(again_ids, ids)
+    assert again.tobytes() == space.tobytes()
+    assert S._stored_pca(ws, "synthetic", "pca", fsid) is not None
+    # other vectors make another feature set: the kept space is not used for it
+    assert S._stored_pca(ws, "synthetic", "pca", fsid + "-other") is None

@@ -43,6 +43,7 @@ CHROMIUM_ARGS = [
 
 def build_workspace(home: Path, k: int) -> None:
     from imgcluster import labels as lb
+    from imgcluster import spaces
     from imgcluster.clustering import cluster
     from imgcluster.features import extract
     from imgcluster.images import ingest
@@ -52,6 +53,9 @@ def build_workspace(home: Path, k: int) -> None:
     ws = Workspace(home / "clothing", create=True)
     ingest(ws, CLOTHING)
     extract(ws)
+    # The refined space first (what the app's background worker makes), so the clusters are
+    # the ones the app settles on.
+    spaces.compute_space(ws, "efficientnet-lite0", spaces.REFINED)
     run = cluster(ws, "efficientnet-lite0", k)
     lb.start_session(ws, run.id, actor="demo")
     compute_projection(ws, "efficientnet-lite0", "umap")

@@ -22,7 +22,12 @@ from imgcluster.features.extractor import (
     load_extractor,
     read_source,
 )
-from imgcluster.features.names import NAME_SEPARATOR, class_scores, suggest_names
+from imgcluster.features.names import (
+    NAME_SEPARATOR,
+    class_scores,
+    feature_top_classes,
+    suggest_names,
+)
 from imgcluster.features.pipeline import (
     EmbeddedContents,
     ExtractReport,
@@ -57,6 +62,7 @@ from imgcluster.features.store import (
     load_top_classes,
     missing_hashes,
     save_vectors,
+    shards_version,
     stored_fingerprint,
     verify_shards,
 )
@@ -91,6 +97,7 @@ __all__ = [
     "feature_counts",
     "feature_rows",
     "feature_set_id",
+    "feature_top_classes",
     "features_version",
     "fit_to_square",
     "l2_normalize",
@@ -101,6 +108,7 @@ __all__ = [
     "missing_hashes",
     "read_source",
     "save_vectors",
+    "shards_version",
     "stored_fingerprint",
     "suggest_names",
     "verify_shards",

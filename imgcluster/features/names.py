@@ -17,7 +17,7 @@ from imgcluster.backbones import imagenet_classes, split_feature_set
 from imgcluster.features.store import load_top_classes
 from imgcluster.workspace import Workspace
 
-__all__ = ["NAME_SEPARATOR", "class_scores", "suggest_names"]
+__all__ = ["NAME_SEPARATOR", "class_scores", "feature_top_classes", "suggest_names"]
 
 #: Joins the class names of one suggestion.
 NAME_SEPARATOR = " / "
@@ -29,6 +29,7 @@ def suggest_names(
     groups: Mapping[int, Sequence[int]],
     *,
     max_classes: int = 3,
+    top: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[int, str]:
     """A suggested name per group of images, from their mean ImageNet class probabilities.
 
@@ -42,6 +43,9 @@ def suggest_names(
     max_classes : int, default=3
         The two most probable classes are always named (when distinct); a third only when its
         mean probability is at least half the second's.
+    top : (image ids, top classes), optional
+        `feature_top_classes` of the feature set, when the caller keeps it (the app does: the
+        groups change with every k, the stored classes only with the features).
 
     Returns
     -------
@@ -54,7 +58,7 @@ def suggest_names(
     >>> suggest_names(ws, "efficientnet-lite0", {1: [4, 8, 15]})  # doctest: +SKIP
     {1: 'running shoe / sandal'}
     """
-    scores = class_scores(workspace, backbone, groups)
+    scores = class_scores(workspace, backbone, groups, top=top)
     names = imagenet_classes()
     out: dict[int, str] = {}
     for label_id, mean in scores.items():
@@ -62,28 +66,51 @@ def suggest_names(
     return out
 
 
+def feature_top_classes(workspace: Workspace, backbone: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every usable image's stored top classes for a feature set (for a fusion, the first
+    member that has them), as `imgcluster.features.store.load_top_classes` returns them."""
+    for member in split_feature_set(backbone, validate=False):
+        image_ids, top = load_top_classes(workspace, member)
+        if len(image_ids):
+            return image_ids, top
+    return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+
+
 def class_scores(
-    workspace: Workspace, backbone: str, groups: Mapping[int, Sequence[int]]
+    workspace: Workspace,
+    backbone: str,
+    groups: Mapping[int, Sequence[int]],
+    *,
+    top: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[int, np.ndarray]:
     """Mean ImageNet class probabilities ``(1000,)`` per group (top classes of each image;
-    the rest of its probability mass is not kept and counts as 0)."""
-    wanted = sorted({int(i) for ids in groups.values() for i in ids})
-    for member in split_feature_set(backbone, validate=False):
-        image_ids, top = load_top_classes(workspace, member, wanted)
-        if len(image_ids):
-            break
-    else:
+    the rest of its probability mass is not kept and counts as 0).
+
+    Summed per group with `np.bincount` over the stored top classes: never an
+    (images x 1000) matrix, which at 1M images would be 4 GB.
+    """
+    image_ids, classes = top if top is not None else feature_top_classes(workspace, backbone)
+    if not len(image_ids):
         return {}
-    k = top.shape[1] // 2
-    dense = np.zeros((len(image_ids), len(imagenet_classes())), dtype=np.float32)
-    rows = np.repeat(np.arange(len(image_ids)), k)
-    dense[rows, top[:, :k].astype(np.int64).ravel()] = top[:, k:].ravel()
-    position = {int(image_id): row for row, image_id in enumerate(image_ids)}
+    k = classes.shape[1] // 2
+    order = np.argsort(image_ids, kind="stable")
+    sorted_ids = image_ids[order]
+    n_classes = len(imagenet_classes())
     scores: dict[int, np.ndarray] = {}
     for label_id, ids in groups.items():
-        members = [position[int(i)] for i in ids if int(i) in position]
-        if members:
-            scores[label_id] = dense[members].mean(axis=0)
+        wanted = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64)
+        at = np.searchsorted(sorted_ids, wanted)
+        found = at < len(sorted_ids)
+        found[found] = sorted_ids[at[found]] == wanted[found]
+        rows = order[at[found]]
+        if not len(rows):
+            continue
+        total = np.bincount(
+            classes[rows, :k].astype(np.int64).ravel(),
+            weights=classes[rows, k:].astype(np.float64).ravel(),
+            minlength=n_classes,
+        )
+        scores[label_id] = (total / len(rows)).astype(np.float32)
     return scores
 
 

@@ -149,12 +149,7 @@ def delete_features(workspace: Workspace, backbone: str) -> int:
         Number of vectors deleted.
     """
     with workspace.transaction() as conn:
-        files = [
-            row[0]
-            for row in conn.execute(
-                "SELECT file FROM feature_shards WHERE backbone = ?", (backbone,)
-            )
-        ]
+        files = [row[0] for row in conn.execute(_SHARD_FILES, (backbone,))]
         n = conn.execute("DELETE FROM features WHERE backbone = ?", (backbone,)).rowcount
         conn.execute("DELETE FROM feature_shards WHERE backbone = ?", (backbone,))
         delete_meta(conn, _fingerprint_key(backbone))
@@ -425,6 +420,16 @@ def feature_counts(workspace: Workspace) -> dict[str, int]:
         }
 
 
+def shards_version(workspace: Workspace) -> tuple[object, ...]:
+    """A cheap stamp of every backbone's stored vectors (shard count, newest id, total rows):
+    with `imgcluster.workspace.images_version` it says when `feature_counts` can change,
+    which label writes never do."""
+    with workspace.read() as conn:
+        return tuple(
+            conn.execute("SELECT COUNT(*), MAX(id), TOTAL(n_rows) FROM feature_shards").fetchone()
+        )
+
+
 def feature_set_id(conn: sqlite3.Connection, backbone: str) -> str:
     """Identity of the feature set `load_features` would return, from one query, no vectors.
 
@@ -536,6 +541,10 @@ def _shard_problem(
     return None
 
 
+#: A feature set member's shard files (one row per batch of vectors).
+_SHARD_FILES = "SELECT file FROM feature_shards WHERE backbone = ?"
+
+
 def load_top_classes(
     workspace: Workspace, backbone: str, image_ids: Sequence[int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -549,6 +558,11 @@ def load_top_classes(
         companion file (extracted before class probabilities were kept, or by a backbone without
         a classifier) are absent.
     """
+    empty = np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    with workspace.read() as conn:
+        files = [r[0] for r in conn.execute(_SHARD_FILES, (backbone,))]
+    if not any(_top_path(workspace.path / file).is_file() for file in files):
+        return empty  # none stored: no join over every image (seconds at 1M) to learn that
     rows = _stored_rows(workspace, backbone, "i.id, s.file, f.row")
     wanted = None if image_ids is None else {int(i) for i in image_ids}
     ids: list[int] = []
@@ -564,7 +578,7 @@ def load_top_classes(
             ids.append(image_id)
             tops.append(top[row])
     if not tops:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        return empty
     return np.array(ids, dtype=np.int64), np.stack(tops).astype(np.float32)
 
 

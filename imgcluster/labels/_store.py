@@ -1,16 +1,23 @@
 """Internal lookups shared by the labels modules: the session row, labels by id or by name,
-image references, chunked ``IN (...)`` queries. Private: callers outside `imgcluster.labels`
-use the public readers in `imgcluster.labels.queries`."""
+image references, chunked ``IN (...)`` queries, and the session's image rows (implicit start
+rows merged with ``image_labels``: `session_rows`). Private: callers outside
+`imgcluster.labels` use the public readers in `imgcluster.labels.queries`."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import numbers
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+import numpy as np
 
 from imgcluster.errors import NoLabelSession, UnknownImage, UnknownLabel
 from imgcluster.labels.names import name_key, normal_form
@@ -171,12 +178,17 @@ def normalise_relpath(path: str, root: Path | None) -> str:
     return PurePosixPath(path.replace("\\", "/")).as_posix().removeprefix("./")
 
 
-def chunked_rows(conn: sqlite3.Connection, sql: str, values: Sequence[Any]) -> list[tuple]:
+def chunked_rows(
+    conn: sqlite3.Connection, sql: str, values: Sequence[Any], *, prefix: Sequence[Any] = ()
+) -> list[tuple]:
+    """Rows of ``sql`` with its ``IN ({})`` list filled with ``values``, a chunk at a time
+    (``prefix``: parameters that come before the list)."""
     out: list[tuple] = []
     values = list(values)
     for start in range(0, len(values), SQL_CHUNK):
         chunk = values[start : start + SQL_CHUNK]
-        out.extend(tuple(r) for r in conn.execute(sql.format(",".join("?" * len(chunk))), chunk))
+        sql_chunk = sql.format(",".join("?" * len(chunk)))
+        out.extend(tuple(r) for r in conn.execute(sql_chunk, (*prefix, *chunk)))
     return out
 
 
@@ -217,7 +229,20 @@ def image_states(
     image_ids: Sequence[int] | None = None,
     label_ids: Sequence[int] | None = None,
 ) -> dict[int, ImageState]:
-    """Current image rows of the session (all, or of some images, or of some labels)."""
+    """Current image rows of the session (all, or of some images, or of some labels),
+    implicit start rows included (`session_rows`)."""
+    base = session_base(conn, sid)
+    if base is not None:
+        if image_ids is not None:
+            wanted = list(image_ids)
+            found = base.states(wanted)
+            found.update(_table_states(conn, sid, "image_id", wanted))  # changed rows win
+            return found
+        rows = session_rows(conn, sid)
+        if label_ids is None:
+            return rows.states()
+        mask = np.isin(rows.label, np.asarray(list(label_ids), np.int64))
+        return rows.states(np.flatnonzero(mask))
     if image_ids is None and label_ids is None:
         rows = conn.execute(
             f"SELECT {_STATE_COLUMNS} FROM image_labels WHERE session_id = ?", (sid,)
@@ -226,12 +251,20 @@ def image_states(
         column, values = (
             ("image_id", image_ids) if image_ids is not None else ("label_id", label_ids)
         )
-        rows = chunked_rows(
-            conn,
-            f"SELECT {_STATE_COLUMNS} FROM image_labels WHERE session_id = {int(sid)} "
-            f"AND {column} IN ({{}})",
-            list(values or []),
-        )
+        return _table_states(conn, sid, column, list(values or []))
+    return {int(r[0]): (int(r[1]), int(r[2]), r[3], r[4], int(r[5])) for r in rows}
+
+
+def _table_states(
+    conn: sqlite3.Connection, sid: int, column: str, values: Sequence[int]
+) -> dict[int, ImageState]:
+    """``image_labels`` rows of the session whose ``column`` is one of ``values``."""
+    rows = chunked_rows(
+        conn,
+        f"SELECT {_STATE_COLUMNS} FROM image_labels WHERE session_id = {int(sid)} "
+        f"AND {column} IN ({{}})",
+        list(values),
+    )
     return {int(r[0]): (int(r[1]), int(r[2]), r[3], r[4], int(r[5])) for r in rows}
 
 
@@ -242,3 +275,186 @@ def label_states(conn: sqlite3.Connection, ids: Sequence[int]) -> dict[int, Labe
         list(ids),
     )
     return {int(r[0]): (r[1], r[2]) for r in rows}
+
+
+# -- implicit start rows ----------------------------------------------------------------------
+#
+# A session started from a run (``label_sessions.base`` set) keeps its start rows implicit:
+# every image of the run, less those left out at the start, is ``(its cluster's label, 0,
+# "normal", None, 0)`` until an operation changes it, and ``image_labels`` holds exactly the
+# images whose row differs from that (or that the run did not hold). Starting labeling then
+# writes no row per image (1M upserts cost ~10 s). Sessions with ``base`` NULL (started
+# before) keep every row in ``image_labels``; everything below reads both alike.
+
+STATES = ("normal", "excluded", "unsure")
+
+
+@dataclass(frozen=True)
+class Base:
+    """The implicit start rows of a session: image ids (sorted) and their labels."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+
+    def find(self, image_ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positions of ``image_ids`` in the base, and which of them are in it."""
+        return _find(self.ids, np.asarray(image_ids, np.int64))
+
+    def states(self, image_ids: Sequence[int]) -> dict[int, ImageState]:
+        """The implicit rows of those of ``image_ids`` the base holds."""
+        wanted = np.asarray(list(image_ids), np.int64)
+        pos, found = self.find(wanted)
+        return {
+            int(i): (int(lab), 0, "normal", None, 0)
+            for i, lab in zip(wanted[found].tolist(), self.labels[pos].tolist(), strict=True)
+        }
+
+
+def _find(sorted_ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if not len(sorted_ids) or not len(wanted):
+        return np.zeros(0, np.int64), np.zeros(len(wanted), bool)
+    pos = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1)
+    found = sorted_ids[pos] == wanted
+    return pos[found], found
+
+
+_bases: OrderedDict[tuple, Base] = OrderedDict()
+_bases_lock = threading.Lock()
+
+
+def base_json(run_id: int, labels: Mapping[int, int], left_out: Sequence[int]) -> str:
+    """The ``label_sessions.base`` of a session started from run ``run_id`` (``labels``:
+    cluster -> label id; ``left_out``: the run's images it does not label)."""
+    return json.dumps(
+        {
+            "run_id": int(run_id),
+            "labels": [[int(c), int(lab)] for c, lab in sorted(labels.items())],
+            "left_out": [int(i) for i in left_out],
+        },
+        separators=(",", ":"),
+    )
+
+
+def session_base(conn: sqlite3.Connection, sid: int) -> Base | None:
+    """The session's implicit start rows, or None when every row is in ``image_labels``.
+
+    Memoised on the database and the base's own text (a run's assignments never change)."""
+    row = conn.execute("SELECT base FROM label_sessions WHERE id = ?", (int(sid),)).fetchone()
+    if row is None or row[0] is None:
+        return None
+    db = conn.execute("PRAGMA database_list").fetchone()[2]
+    key = (db, int(sid), row[0])
+    with _bases_lock:
+        found = _bases.get(key)
+    if found is not None:
+        return found
+    from imgcluster.runs import run_cluster_arrays
+
+    spec = json.loads(row[0])
+    ids, clusters = run_cluster_arrays(conn, int(spec["run_id"]))
+    keep = ~np.isin(ids, np.asarray(spec["left_out"], np.int64))
+    ids, clusters = ids[keep], clusters[keep]
+    pairs = np.asarray(spec["labels"], np.int64).reshape(-1, 2)
+    order = np.argsort(pairs[:, 0])
+    keys, values = pairs[order, 0], pairs[order, 1]
+    labels = values[np.searchsorted(keys, clusters)] if len(ids) else clusters
+    base = Base(ids, labels.astype(np.int64))
+    with _bases_lock:
+        _bases[key] = base
+        while len(_bases) > 4:
+            _bases.popitem(last=False)
+    return base
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Every image row of a session as arrays sorted by image id (implicit rows merged with
+    ``image_labels``): what the readers count, page and export from."""
+
+    ids: np.ndarray
+    label: np.ndarray
+    confirmed: np.ndarray  # bool
+    state: np.ndarray  # int8 index into STATES
+    confidence: np.ndarray  # float64, NaN = None
+    by_hand: np.ndarray  # bool
+
+    def find(self, image_ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positions of ``image_ids`` that have a row, and which of them do."""
+        return _find(self.ids, np.asarray(image_ids, np.int64))
+
+    def members(self, label_id: int) -> np.ndarray:
+        """Image ids of one label (sorted)."""
+        return self.ids[self.label == int(label_id)]
+
+    def states(self, positions: np.ndarray | None = None) -> dict[int, ImageState]:
+        """``{image id: state tuple}`` of the rows at ``positions`` (all if None)."""
+        index: Any = slice(None) if positions is None else positions
+        conf = self.confidence[index]
+        confidences = [None if c != c else c for c in conf.tolist()]
+        return {
+            i: (lab, c, STATES[s], cf, b)
+            for i, lab, c, s, cf, b in zip(
+                self.ids[index].tolist(),
+                self.label[index].tolist(),
+                self.confirmed[index].astype(int).tolist(),
+                self.state[index].tolist(),
+                confidences,
+                self.by_hand[index].astype(int).tolist(),
+                strict=True,
+            )
+        }
+
+
+def _table_rows(rows: list[tuple]) -> Rows:
+    """`Rows` from ``image_labels`` tuples (image, label, confirmed, state, confidence, by
+    hand), sorted by image id."""
+    n = len(rows)
+    ids = np.fromiter((r[0] for r in rows), np.int64, n)
+    order = np.argsort(ids, kind="stable")
+    code = {s: i for i, s in enumerate(STATES)}
+    return Rows(
+        ids=ids[order],
+        label=np.fromiter((r[1] for r in rows), np.int64, n)[order],
+        confirmed=np.fromiter((r[2] for r in rows), np.int64, n)[order].astype(bool),
+        state=np.fromiter((code[r[3]] for r in rows), np.int8, n)[order],
+        confidence=np.fromiter((np.nan if r[4] is None else r[4] for r in rows), np.float64, n)[
+            order
+        ],
+        by_hand=np.fromiter((r[5] for r in rows), np.int64, n)[order].astype(bool),
+    )
+
+
+def session_rows(conn: sqlite3.Connection, sid: int) -> Rows:
+    """Every image row of session ``sid`` as ``conn`` sees it (`Rows`)."""
+    table = _table_rows(
+        conn.execute(
+            f"SELECT {_STATE_COLUMNS} FROM image_labels WHERE session_id = ?", (int(sid),)
+        ).fetchall()
+    )
+    base = session_base(conn, sid)
+    if base is None:
+        return table
+    n = len(base.ids)
+    merged = Rows(
+        ids=base.ids,
+        label=base.labels.copy(),
+        confirmed=np.zeros(n, bool),
+        state=np.zeros(n, np.int8),
+        confidence=np.full(n, np.nan),
+        by_hand=np.zeros(n, bool),
+    )
+    pos, found = merged.find(table.ids)
+    for name in ("label", "confirmed", "state", "confidence", "by_hand"):
+        getattr(merged, name)[pos] = getattr(table, name)[found]
+    if found.all():
+        return merged
+    extra = ~found  # images the run did not hold (labeled later)
+    ids = np.concatenate([merged.ids, table.ids[extra]])
+    order = np.argsort(ids, kind="stable")
+    return Rows(
+        ids[order],
+        *(
+            np.concatenate([getattr(merged, name), getattr(table, name)[extra]])[order]
+            for name in ("label", "confirmed", "state", "confidence", "by_hand")
+        ),
+    )

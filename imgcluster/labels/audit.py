@@ -4,7 +4,10 @@ Each operation is one transaction (`operation`) that records, in one ``audit_log
 when, the operation and its arguments, and the exact before/after of every label and image row
 it changed (`Recorder`). `undo` writes the "before" values back and `redo` the "after" values,
 each as a new audit row, so the log is a complete replayable record (applying every row's
-"after" values in id order rebuilds the current state) and undo survives a restart.
+"after" values in id order rebuilds the current state) and undo survives a restart. A start
+row lists its labels but names its images by reference (``changes["start"]``: the run, and
+the run's images left out), every one ``(its cluster's label, 0, "normal", None, 0)``: at 1M
+images the list alone was ~60 MB of JSON (`start_reference`, `started_images`).
 
 Undo is per actor (an annotator undoes their own steps, newest first). An undo whose rows were
 changed since by someone else is refused with `StaleState` rather than overwrite their work; a
@@ -20,8 +23,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from imgcluster import settings
-from imgcluster.errors import NothingToUndo, StaleState
+from imgcluster.errors import ImgclusterError, NothingToUndo, StaleState
 from imgcluster.labels import geometry, queries
 from imgcluster.labels._store import (
     NOW,
@@ -32,7 +37,9 @@ from imgcluster.labels._store import (
     label_states,
     n_images,
     relpaths,
+    session_base,
     session_row,
+    session_rows,
 )
 from imgcluster.labels.names import clean_actor, name_key
 from imgcluster.labels.results import Applied, HistoryEntry, ImageState, LabelState
@@ -108,6 +115,7 @@ class Recorder:
         self.op = op
         self.labels: dict[int, list[LabelState | None]] = {}
         self.images: dict[int, list[ImageState | None]] = {}
+        self.started: dict[str, Any] | None = None  # a start's images, by reference
 
     def create_label(self, name: str, cluster: int | None) -> int:
         cur = self.conn.execute(
@@ -149,11 +157,27 @@ class Recorder:
     def set_images(
         self, before: Mapping[int, ImageState], after: Mapping[int, ImageState | None]
     ) -> None:
-        """Write ``after`` rows (None deletes); ``before`` must hold their current values."""
+        """Write ``after`` rows (None deletes); ``before`` must hold their current values.
+
+        In a session with implicit start rows (`session_base`), a row equal to its image's
+        start row is deleted from ``image_labels`` instead (so an undo back to the start
+        leaves no row behind); an image of the start cannot leave the session."""
+        changed = {i: a for i, a in after.items() if before.get(i) != a}
+        base = session_base(self.conn, self.sid) if changed else None
+        start = {} if base is None else base.states(list(changed))
+        if any(a is None for i, a in changed.items() if i in start):
+            raise ImgclusterError(
+                f"{n_images(sum(1 for i, a in changed.items() if a is None and i in start))} "
+                "of the session's start cannot leave it; move them to a label instead"
+            )
         upserts = [
-            (self.sid, i, *a) for i, a in after.items() if a is not None and before.get(i) != a
+            (self.sid, i, *a) for i, a in changed.items() if a is not None and start.get(i) != a
         ]
-        deletes = [(self.sid, i) for i, a in after.items() if a is None and i in before]
+        deletes = [
+            (self.sid, i)
+            for i, a in changed.items()
+            if (a is None and i in before) or (a is not None and start.get(i) == a)
+        ]
         self.conn.executemany(
             "INSERT INTO image_labels(session_id, image_id, label_id, confirmed, state, "
             "confidence, by_hand) VALUES (?, ?, ?, ?, ?, ?, ?) "
@@ -179,11 +203,43 @@ class Recorder:
                 self.op.changes[i] = a
                 self.op.before.setdefault(i, b)
 
-    def payload(self) -> dict[str, list]:
-        return {
+    def payload(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "labels": [[i, _json(b), _json(a)] for i, (b, a) in self.labels.items() if b != a],
             "images": [[i, _json(b), _json(a)] for i, (b, a) in self.images.items() if b != a],
         }
+        if self.started is not None:
+            out["start"] = self.started
+        return out
+
+
+def start_reference(run_id: int, left_out: Sequence[int]) -> dict[str, Any]:
+    """What a start row records instead of its image rows: the run whose assignments they
+    are, and the run's images the session left out (files gone or skipped when it started)."""
+    return {"run_id": int(run_id), "left_out": [int(i) for i in left_out]}
+
+
+def started_images(conn: sqlite3.Connection, changes: Mapping[str, Any]) -> dict[int, ImageState]:
+    """The image rows a start row made (``changes``: its parsed payload), from the run it
+    references: what a replay of the log applies for it. Empty for other rows; a start row
+    from before references lists its images in ``changes["images"]`` instead."""
+    from imgcluster.runs import run_cluster_arrays
+
+    started = changes.get("start")
+    if not started:
+        return {}
+    label_of = {
+        int(after[1]): int(i)
+        for i, _b, after in changes["labels"]
+        if after and after[1] is not None
+    }
+    ids, clusters = run_cluster_arrays(conn, int(started["run_id"]))
+    left_out = set(started.get("left_out", []))
+    return {
+        i: (label_of[c], 0, "normal", None, 0)
+        for i, c in zip(ids.tolist(), clusters.tolist(), strict=True)
+        if i not in left_out
+    }
 
 
 def _json(value: tuple | None) -> list | None:
@@ -346,12 +402,11 @@ def _check_no_orphans(
     conn: sqlite3.Connection, sid: int, row: sqlite3.Row, kind: str, removed: list[int]
 ) -> None:
     """Refuse to remove a label that someone else has put images into since the step."""
-    used = chunked_rows(
-        conn,
-        f"SELECT label_id, COUNT(*) FROM image_labels WHERE session_id = {int(sid)} "
-        "AND label_id IN ({}) GROUP BY label_id",
-        removed,
-    )
+    if not removed:
+        return
+    rows = session_rows(conn, sid)
+    labs, counts = np.unique(rows.label[np.isin(rows.label, removed)], return_counts=True)
+    used = list(zip(labs.tolist(), counts.tolist(), strict=True))
     if used:
         names = dict(
             chunked_rows(conn, "SELECT id, name FROM labels WHERE id IN ({})", [u[0] for u in used])
@@ -387,7 +442,9 @@ def history(
         session = session_row(conn)
         sql = (
             "SELECT id, at, actor, op, kind, summary, status, target_id, "
-            "json_array_length(changes, '$.images'), json_array_length(changes, '$.labels') "
+            "json_array_length(changes, '$.images') "
+            "+ COALESCE(json_extract(changes, '$.start.n_images'), 0), "
+            "json_array_length(changes, '$.labels') "
             "FROM audit_log WHERE session_id = ?"
         )
         args: list[Any] = [session["id"]]

@@ -36,9 +36,15 @@ Where the numbers live, and why (issue 15 §3: a move of 1,000 images < 1 s at 1
 * **Invalidation across processes**: each committed change of image rows stores a new random
   ``geometry_token`` in the session row; a state is used only while its token equals the
   session's (read in the same read transaction as the rows a query returns), so another
-  process's write, a rolled-back transaction or a new session make it rebuilt from
-  ``image_labels`` and the space on the next read (a read builds, it never writes). A
-  rename or a label delete changes no image row and keeps the token.
+  process's write, a rolled-back transaction or a new session make it rebuilt from the
+  session's rows (`imgcluster.labels._store.session_rows`) and the space on the next read
+  (a read builds, it never writes). A rename or a label delete changes no image row and
+  keeps the token.
+* **A start reads what a start kept**: the state a start builds (every image of the run in
+  its cluster's label) is kept in the workspace from `KEEP_START_MIN_N` images on
+  (`_StartKeeper`), so a later start from the same run and space (the app restarts untouched
+  labels on a k change) reads it back instead of building it (0.1-0.3 s instead of 2-5 s
+  at 1M), bit for bit the same numbers.
 * **Feature set**: a state stands for the features it was built from. Operations trust it
   (checking the feature-set identity costs a join of every image: 6 s at 1M) unless they
   touch an image the state does not know; `refresh_geometry` rebuilds it after new features.
@@ -127,14 +133,19 @@ class _Cache:
 
 _CACHE = _Cache()
 
-_BLOCK = 16_384  # rows per block of a distance column (fixed: results do not depend on it)
+_BLOCK = 16_384  # rows per block of the outputs (fixed: results do not depend on it)
+#: Rows per matrix-vector product of a distance column (fixed: a row's product must be
+#: computed the same way in a build and in an update; 1 MB of a PCA-64 space stays in cache
+#: while every changed label's column is computed from it).
+_PRODUCT_BLOCK = 4_096
 
 
 def _fixed_point_scale(space: np.ndarray) -> float:
     """The power of two that puts coordinates on an int64 grid with room for a sum over every
     row (at most 2^-40 apart: far below float32 resolution at these magnitudes)."""
     n = max(len(space), 1)
-    top = float(np.abs(space).max()) if space.size else 0.0
+    # max |x| without an |x| copy of the space (256 MB at 1M: ~1 s of page faults)
+    top = max(float(space.max()), -float(space.min())) if space.size else 0.0
     bits = 62 - int(np.ceil(np.log2(n + 1))) - max(0, int(np.ceil(np.log2(top + 1e-30))))
     return float(2.0 ** min(bits, 40))
 
@@ -142,11 +153,13 @@ def _fixed_point_scale(space: np.ndarray) -> float:
 # -- features and the clustering space ---------------------------------------------------------
 
 
-def _feature_key(conn: sqlite3.Connection, backbone: str) -> str:
-    """The cheap identity of the session backbone's stored vectors (one SQL query)."""
-    from imgcluster.features import feature_set_id
+def _feature_key(workspace: Workspace, backbone: str) -> str:
+    """The identity of the session backbone's stored vectors, memoised on the workspace's
+    image and feature versions (`imgcluster.spaces.feature_state`): the join it stands for
+    costs ~3 s per call at 1M images, and label writes never change it."""
+    from imgcluster.spaces import feature_set
 
-    return feature_set_id(conn, backbone)
+    return feature_set(workspace, backbone)
 
 
 def session_features(
@@ -157,8 +170,7 @@ def session_features(
     from imgcluster.features import load_features
 
     if feature_key is None:
-        with workspace.read() as conn:
-            feature_key = _feature_key(conn, backbone)
+        feature_key = _feature_key(workspace, backbone)
     key = (str(workspace.db_path), backbone, feature_key)
     return _CACHE.get_or_make("features", key, lambda: load_features(workspace, backbone))
 
@@ -178,9 +190,10 @@ def session_space(
 
     if conn is None:
         with workspace.read() as own:
-            run, key = run_info(own, run_id), _feature_key(own, backbone)
+            run = run_info(own, run_id)
     else:
-        run, key = run_info(conn, run_id), _feature_key(conn, backbone)
+        run = run_info(conn, run_id)
+    key = _feature_key(workspace, backbone)
     try:
         ids, space = space_of(workspace, backbone, run.preprocess, feature_set_key=key)
     except ValueError:
@@ -295,15 +308,22 @@ class _State:
 
     # Every number is computed the same way whether one label changed or all were built: a
     # label's sum is an exact integer sum of its members' fixed-point coordinates (a float
-    # running sum drifts in the last bits; integers do not, in any order), distances come
-    # from one product per fixed block of rows (each entry a dot product over the
-    # dimensions in the same order, whatever the number of columns), then the same
-    # elementwise steps. So an updated state
-    # equals a state built from scratch (the test compares bit for bit), and page orders
-    # agree even between near-equal values.
+    # running sum drifts in the last bits; integers do not, in any order), a distance column
+    # comes from one matrix-vector product per fixed block of rows and that label's centroid
+    # alone, on one thread, then the same elementwise steps. So an updated state equals a
+    # state built from scratch (the test compares bit for bit), and page orders agree even
+    # between near-equal values.
+    #
+    # One product per column, not one (rows, d) @ (d, columns) product: OpenBLAS picks its
+    # kernel by the number of columns, and a column of a 2-column product differed in the
+    # last bits from the same column of a 20-column one (H3_NOTES.md). One thread: on 2
+    # shared cores OpenBLAS threads spin-wait on each other, and the products of one move of
+    # 20 images took 0.05-1.2 s (one thread: 0.04-0.05 s at 1M).
 
     def _recompute_columns(self, cols: list[int]) -> None:
         """Distance column of each label column in ``cols`` (NaN without members)."""
+        from imgcluster.spaces import single_thread
+
         live = [c for c in cols if self.counts[c] > 0]
         for c in cols:
             if self.counts[c] <= 0:
@@ -311,22 +331,23 @@ class _State:
         if not live or not len(self.space):
             return
         centroids = (self.sums[live] / self.scale / self.counts[live, None]).astype(np.float32)
-        if self._x_sq is None:  # row norms once per state (a pass over the space saved)
-            self._x_sq = np.einsum("ij,ij->i", self.space, self.space)
-        c_sq = np.einsum("ij,ij->i", centroids, centroids)
-        whole = live == list(range(len(self.column_labels)))
-        for start in range(0, len(self.space), _BLOCK):
-            stop = start + _BLOCK
-            d2 = self.space[start:stop] @ centroids.T
-            d2 *= -2.0
-            d2 += self._x_sq[start:stop, None]
-            d2 += c_sq[None, :]
-            np.maximum(d2, 0.0, out=d2)
-            np.sqrt(d2, out=d2)
-            if whole:
-                self.dist[start:stop] = d2
-            else:
-                self.dist[start:stop, live] = d2
+        with single_thread():
+            if self._x_sq is None:  # row norms once per state (a pass over the space saved)
+                self._x_sq = np.einsum("ij,ij->i", self.space, self.space)
+            c_sq = np.array([np.dot(c, c) for c in centroids], np.float32)
+            for start in range(0, len(self.space), _PRODUCT_BLOCK):
+                block = self.space[start : start + _PRODUCT_BLOCK]
+                x_sq = self._x_sq[start : start + _PRODUCT_BLOCK]
+                d2 = np.empty((len(live), len(block)), np.float32)
+                for j, column in enumerate(d2):
+                    np.matmul(block, centroids[j], out=column)
+                # elementwise: the same numbers whichever columns are computed together
+                d2 *= -2.0
+                d2 += x_sq[None, :]
+                d2 += c_sq[:, None]
+                np.maximum(d2, 0.0, out=d2)
+                np.sqrt(d2, out=d2)
+                self.dist[start : start + _PRODUCT_BLOCK, live] = d2.T
 
     def _column(self, label_id: int) -> int:
         if label_id not in self.columns:
@@ -370,6 +391,8 @@ class _State:
         if not len(rows):
             return
         old_reference = self.counts >= MISFIT_MIN_LABEL_SIZE
+        # stored silhouettes are exact ones while in that regime: leaving it recomputes all
+        was_exact = self._exact_regime()
         for lab in np.unique(new_labels[new_labels >= 0]).tolist():
             self._column(int(lab))
         fixed = self._fixed(rows)
@@ -390,7 +413,8 @@ class _State:
         grown = len(reference) - len(old_reference)
         old_reference = np.concatenate([old_reference, np.zeros(grown, bool)])
         if (
-            self._exact_regime()
+            was_exact
+            or self._exact_regime()
             or (reference != old_reference).any()
             or len(cols) * 2 >= len(self.column_labels)
         ):
@@ -401,25 +425,56 @@ class _State:
     def _affected(self, moved: np.ndarray, cols: np.ndarray, reference: np.ndarray) -> np.ndarray:
         """Rows whose outputs can differ after ``cols`` changed: moved rows, members of those
         labels, rows whose nearest other label is one of them, and rows for which one of them
-        is now at least as near as their nearest other label (ties pick the lower column)."""
-        hit = np.isin(self.col, cols) | np.isin(self.other_col, cols)
+        is now at least as near as their nearest other label (ties pick the lower column).
+
+        One lookup per row instead of `np.isin` and no (n, len(cols)) copy of distances: at
+        1M rows this selection was ~0.07 s of a move of 20 images (H3_NOTES.md)."""
+        changed = np.zeros(len(self.column_labels) + 1, bool)  # the last entry: column -1
+        changed[cols] = True
+        hit = changed[self.col]
+        hit |= changed[self.other_col]
         hit[moved] = True
-        ref_cols = cols[reference[cols]]
-        if len(ref_cols):
-            near = np.nan_to_num(self.dist[:, ref_cols], nan=np.inf)
-            own = self.col[:, None] == ref_cols[None, :]
-            near[own] = np.inf
-            hit |= near.min(axis=1) <= self.other
+        # A row of a changed label is hit already, so its own column needs no masking here;
+        # reference columns have normal members, so no NaN.
+        for c in cols[reference[cols]].tolist():
+            hit |= self.dist[:, c] <= self.other
         return np.flatnonzero(hit)
 
     def _outputs(self, rows: np.ndarray | None) -> None:
-        """Recompute the outputs of ``rows`` (None = every row) from the distances."""
+        """Recompute the outputs of ``rows`` (sorted; None = every row) from the distances,
+        block by block of `_BLOCK` rows.
+
+        A block where ``rows`` are many is recomputed whole, as a slice: gathering a third of
+        a million rows by index cost more than a pass over every row (0.43 s against 0.16 s
+        at 1M, H3_NOTES.md), and a row whose inputs did not change gets its same numbers
+        back (every number of a row depends only on that row's distances and the counts).
+        Blocks also keep the temporaries small (an (n, labels) copy was 80 MB at 1M)."""
+        n = len(self.space)
+        if rows is None and self._exact_regime():
+            self._outputs_at(slice(None), exact=True)
+            return
+        if rows is None:
+            for start in range(0, n, _BLOCK):
+                self._outputs_at(slice(start, min(start + _BLOCK, n)))
+            return
+        rows = np.asarray(rows, np.int64)
+        bounds = np.searchsorted(rows, np.arange(0, n + _BLOCK, _BLOCK))
+        for b, start in enumerate(range(0, n, _BLOCK)):
+            lo, hi = int(bounds[b]), int(bounds[b + 1])
+            stop = min(start + _BLOCK, n)
+            if hi == lo:
+                continue
+            if (hi - lo) * 4 >= stop - start:
+                self._outputs_at(slice(start, stop))
+            else:
+                self._outputs_at(rows[lo:hi])
+
+    def _outputs_at(self, index: np.ndarray | slice, *, exact: bool = False) -> None:
+        """Recompute the outputs of the rows ``index`` selects (``exact``: every row, with
+        exact silhouettes)."""
         from imgcluster.clustering import misfit_mask
 
-        n = len(self.space)
-        every = rows is None
-        index: np.ndarray | slice = slice(None) if rows is None else rows
-        m = n if rows is None else len(rows)
+        m = len(self.col[index])
         out = np.full((m, 5), np.nan)
         out[:, 3] = 0
         other_col = np.full(m, -1, np.int64)
@@ -448,7 +503,7 @@ class _State:
                 with np.errstate(invalid="ignore", divide="ignore"):
                     top = np.maximum(own, other)
                     silhouette = np.where(top > 0, margin / top, 0.0)
-                if every and self._exact_regime():
+                if exact:
                     normal = self.normal & (self.col >= 0)
                     silhouette[normal] = exact_silhouette(
                         self.space[normal], self.col[normal], self.counts, reference
@@ -563,27 +618,20 @@ class _Entry:
 def _read_rows(
     conn: sqlite3.Connection, sid: int, ids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Label, ``normal`` and ``confirmed`` of each of ``ids`` from ``image_labels`` (one query,
-    straight into arrays: a dict of a million tuples costs seconds)."""
-    table = np.array(
-        conn.execute(
-            "SELECT image_id, label_id, state = 'normal', confirmed FROM image_labels "
-            "WHERE session_id = ?",
-            (sid,),
-        ).fetchall(),
-        dtype=np.int64,
-    ).reshape(-1, 4)
+    """Label, ``normal`` and ``confirmed`` of each of ``ids`` from the session's rows
+    (`imgcluster.labels._store.session_rows`: arrays, implicit start rows included; a dict
+    of a million tuples costs seconds)."""
+    from imgcluster.labels._store import session_rows
+
+    table = session_rows(conn, sid)
     label_of = np.full(len(ids), -1, np.int64)
     normal = np.zeros(len(ids), bool)
     confirmed = np.zeros(len(ids), bool)
-    if len(ids) and len(table):
-        order = np.argsort(ids, kind="stable")
-        pos = np.minimum(np.searchsorted(ids[order], table[:, 0]), len(ids) - 1)
-        hit = ids[order][pos] == table[:, 0]
-        rows = order[pos[hit]]
-        label_of[rows] = table[hit, 1]
-        normal[rows] = table[hit, 2] == 1
-        confirmed[rows] = table[hit, 3] == 1
+    if len(ids) and len(table.ids):
+        pos, hit = table.find(ids)
+        label_of[hit] = table.label[pos]
+        normal[hit] = table.state[pos] == 0
+        confirmed[hit] = table.confirmed[pos]
     return label_of, normal, confirmed
 
 
@@ -592,22 +640,132 @@ def _build(
     conn: sqlite3.Connection,
     session: sqlite3.Row,
     token: str | None,
-    known: Mapping[int, ImageState | None] | None = None,
+    known: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> _Entry:
     """A state from scratch: the session's space and its ``image_labels`` rows as ``conn``
-    sees them (``known``: every row, when the caller just wrote them all)."""
+    sees them (``known``: a start's rows, image ids sorted and their labels, when the caller
+    just wrote them all)."""
     ids, space, space_key = session_space(workspace, session["backbone"], session["run_id"], conn)
     if known is None:
         label_of, normal, confirmed = _read_rows(conn, int(session["id"]), ids)
-    else:
-        label_of = np.full(len(ids), -1, np.int64)
-        normal, confirmed = np.zeros(len(ids), bool), np.zeros(len(ids), bool)
-        for row, image_id in enumerate(ids.tolist()):
-            value = known.get(image_id)
-            if value is not None:
-                label_of[row], confirmed[row] = value[0], bool(value[1])
-                normal[row] = value[2] == "normal"
-    return _Entry(token, space_key, ids, _State.build(space, label_of, normal, confirmed))
+        return _Entry(token, space_key, ids, _State.build(space, label_of, normal, confirmed))
+    label_of, normal, confirmed = _started_rows(ids, *known)
+    kept = _StartKeeper(workspace, space_key, ids, label_of)
+    state = kept.load(space)
+    if state is None:
+        state = _State.build(space, label_of, normal, confirmed)
+        kept.save(state)
+    return _Entry(token, space_key, ids, state)
+
+
+#: From this many images on, the geometry a start builds is kept in the workspace (a few
+#: arrays, ~140 MB at 1M images and 20 labels), so that a later start from the same run
+#: and space (the app restarts untouched labels on a k change; `start --replace`) reads it
+#: back (~0.3 s) instead of building it (2-5 s at 1M).
+KEEP_START_MIN_N = 50_000
+
+_KEPT = ("sums", "counts", "dist", "out", "other_col", "other", "x_sq", "column_ranks")
+
+
+@dataclass
+class _StartKeeper:
+    """The kept geometry of a start, in label ranks (a later session's label ids differ;
+    its labels are made in the same cluster order, so ranks match): named by a hash of the
+    space's identity, its image ids and every row's label rank, so it is only ever used for
+    exactly the inputs it was built from (and is then bit for bit what a build gives)."""
+
+    workspace: Workspace
+    space_key: str
+    ids: np.ndarray
+    label_of: np.ndarray
+
+    def __post_init__(self) -> None:
+        import hashlib
+
+        self.labels = np.unique(self.label_of[self.label_of >= 0])
+        self.ranks = np.where(
+            self.label_of >= 0, np.searchsorted(self.labels, self.label_of), -1
+        ).astype(np.int64)
+        # "v2": distances by one product per column (`_State._recompute_columns`)
+        digest = hashlib.sha1(b"v2:" + self.space_key.encode())
+        digest.update(np.ascontiguousarray(self.ids, np.int64).tobytes())
+        digest.update(self.ranks.tobytes())
+        self.path = self.workspace.runs_dir / f"start-geometry-{digest.hexdigest()[:24]}"
+
+    def load(self, space: np.ndarray) -> _State | None:
+        # ``scale.npy`` is written last: without it the folder is incomplete
+        if len(self.ids) < KEEP_START_MIN_N or not (self.path / "scale.npy").exists():
+            return None
+        try:
+            # Read whole (~140 MB at 1M): mapped copy-on-write, the first move paid ~1 s of
+            # page faults writing into them.
+            kept: dict[str, Any] = {name: np.load(self.path / f"{name}.npy") for name in _KEPT}
+            kept["scale"] = float(np.load(self.path / "scale.npy"))
+        except (OSError, ValueError, EOFError):
+            return None  # derived data: build it again
+        labels = self.labels.tolist()
+        if kept["column_ranks"].tolist() != list(range(len(labels))):
+            return None
+        out = kept["out"]
+        alt = out[:, 4]
+        defined = ~np.isnan(alt)
+        alt[defined] = self.labels[alt[defined].astype(np.int64)]
+        n = len(self.ids)
+        col = self.ranks
+        return _State(
+            space=space,
+            label_of=self.label_of.copy(),
+            normal=self.label_of >= 0,
+            confirmed=np.zeros(n, bool),
+            columns={lab: i for i, lab in enumerate(labels)},
+            column_labels=labels,
+            col=col.copy(),
+            scale=kept["scale"],
+            sums=kept["sums"],
+            counts=kept["counts"],
+            dist=kept["dist"],
+            out=out,
+            other_col=kept["other_col"],
+            other=kept["other"],
+            _x_sq=kept["x_sq"],
+        )
+
+    def save(self, state: _State) -> None:
+        if len(self.ids) < KEEP_START_MIN_N or state._x_sq is None:
+            return
+        from imgcluster.workspace import atomic_write
+
+        out = state.out.copy()
+        alt = out[:, 4]
+        defined = ~np.isnan(alt)
+        alt[defined] = np.searchsorted(self.labels, alt[defined].astype(np.int64))
+        arrays = {
+            "sums": state.sums,
+            "counts": state.counts,
+            "dist": state.dist,
+            "out": out,
+            "other_col": state.other_col,
+            "other": state.other,
+            "x_sq": state._x_sq,
+            "column_ranks": np.searchsorted(self.labels, np.asarray(state.column_labels)),
+            "scale": np.float64(state.scale),  # last: marks the folder complete
+        }
+        with contextlib.suppress(OSError):  # a read-only workspace builds it each time
+            for name, array in arrays.items():
+                atomic_write(self.path / f"{name}.npy", lambda fh, a=array: np.save(fh, a))
+
+
+def _started_rows(
+    ids: np.ndarray, image_ids: np.ndarray, label_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label, ``normal`` and ``confirmed`` of each of ``ids`` when the session's rows are
+    exactly ``image_ids`` (sorted) in ``label_ids``, all normal and unconfirmed: a start."""
+    label_of = np.full(len(ids), -1, np.int64)
+    if len(ids) and len(image_ids):
+        pos = np.minimum(np.searchsorted(image_ids, ids), len(image_ids) - 1)
+        hit = image_ids[pos] == ids
+        label_of[hit] = label_ids[pos[hit]]
+    return label_of, label_of >= 0, np.zeros(len(ids), bool)
 
 
 @contextlib.contextmanager
@@ -675,12 +833,12 @@ def refresh(
     session: sqlite3.Row,
     changes: Mapping[int, ImageState | None] | None,
     *,
-    known: Mapping[int, ImageState | None] | None = None,
+    known: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Pending:
     """After image rows changed in the caller's write transaction (``changes``: their new
     values, None = rebuild from scratch): store a new token and bring this process's state
     up to date (incrementally when it holds the state of the token before). ``known``: with
-    ``changes=None``, every row of the session (a new session's start)."""
+    ``changes=None``, a new session's start rows (`_started_rows`)."""
     sid = int(session["id"])
     key = (str(workspace.db_path), sid)
     token = conn.execute(
@@ -703,8 +861,8 @@ def refresh(
     if space_key != entry.space_key:
         return Pending(key, _build(workspace, conn, session, new_token), new_token)
     with entry.lock:
-        known = {i: a for i, a in changes.items() if len(entry.rows_of(np.array([i]))[0])}
-        entry.apply(known)
+        kept = {i: a for i, a in changes.items() if len(entry.rows_of(np.array([i]))[0])}
+        entry.apply(kept)
     return Pending(key, entry, new_token)
 
 

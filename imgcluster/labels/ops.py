@@ -45,6 +45,7 @@ from imgcluster.labels._store import (
     resolve_image_map,
     resolve_images,
     session_row,
+    session_rows,
 )
 from imgcluster.labels.audit import Op, Recorder, actor_name, operation, record
 from imgcluster.labels.names import MAX_NAME_LENGTH, validate_name
@@ -409,10 +410,7 @@ def delete_label(
     with operation(workspace, expected, moves=False) as op:
         conn, sid = op.conn, op.sid
         lab = label(conn, sid, label_ref)
-        count = conn.execute(
-            "SELECT COUNT(*) FROM image_labels WHERE session_id = ? AND label_id = ?",
-            (sid, lab["id"]),
-        ).fetchone()[0]
+        count = len(session_rows(conn, sid).members(lab["id"]))
         if count:
             raise ImgclusterError(
                 f"label {lab['name']!r} still has {n_images(count)}; move or merge them first"
@@ -431,12 +429,8 @@ def delete_empty_labels(
     actor = actor_name(actor)
     with operation(workspace, expected, moves=False) as op:
         conn, sid = op.conn, op.sid
-        empty = conn.execute(
-            "SELECT l.id, l.name FROM labels AS l WHERE l.session_id = ? AND l.deleted_at IS NULL "
-            "AND NOT EXISTS (SELECT 1 FROM image_labels AS il WHERE il.session_id = l.session_id "
-            "AND il.label_id = l.id) ORDER BY l.id",
-            (sid,),
-        ).fetchall()
+        used = set(np.unique(session_rows(conn, sid).label).tolist())
+        empty = [r for r in live_labels(conn, sid) if r["id"] not in used]
         if not empty:
             return Applied(None, "delete", "no empty label", 0)
         rec = op.recorder()

@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from imgcluster.errors import ImgclusterError, UnknownCluster
 from imgcluster.labels import geometry
-from imgcluster.labels._store import n_steps, session_from_row, session_row
-from imgcluster.labels.audit import Recorder, actor_name, record
-from imgcluster.labels.results import Following, ImageState
+from imgcluster.labels._store import base_json, n_steps, session_from_row, session_row
+from imgcluster.labels.audit import Recorder, actor_name, record, start_reference
+from imgcluster.labels.results import Following
 from imgcluster.workspace import Workspace
 
 __all__ = ["follow_k", "start_session"]
@@ -55,7 +57,8 @@ def start_session(
         If a session is already active and ``replace`` is False, so a stray click never
         hides an annotator's work.
     """
-    from imgcluster.clustering import latest_run, run_assignments, run_info
+    from imgcluster.clustering import latest_run, run_info
+    from imgcluster.runs import run_cluster_arrays
 
     actor = actor_name(actor)
     pending = None
@@ -63,7 +66,7 @@ def start_session(
         ahead = latest_run(conn) if run_id is None else run_info(conn, run_id)
         # A stored run's assignments never change: read them outside the write lock as well
         # (inside it the same read cost 14x more at 10k images).
-        assigned_ahead = run_assignments(conn, ahead.id) if ahead is not None else None
+        assigned_ahead = run_cluster_arrays(conn, ahead.id) if ahead is not None else None
     if ahead is not None:
         geometry.session_space(workspace, ahead.backbone, ahead.id)
     with workspace.transaction() as conn:
@@ -96,41 +99,58 @@ def start_session(
             or 0
         )
         same_run = ahead is not None and assigned_ahead is not None and ahead.id == run.id
-        assigned = assigned_ahead if same_run else run_assignments(conn, run.id)
-        # The few unusable images from the status index (an IN list of every assigned id
-        # costs a query per 900 images: seconds at 1M).
-        unusable = {
-            int(r[0])
-            for r in conn.execute(
-                "SELECT id FROM image_catalog WHERE status IN ('skipped', 'missing')"
-            )
-        }
-        top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM image_catalog").fetchone()[0]
-        members = sorted((i, c) for i, c in assigned.items() if i not in unusable and i <= int(top))
-        clusters = sorted(set(range(int(run.k))) | {c for _, c in members})
-        width = max(2, len(str(clusters[-1]))) if clusters else 2
+        ids, clusters = assigned_ahead if same_run else run_cluster_arrays(conn, run.id)
+        keep = _usable(conn, ids)
+        left_out = ids[~keep]
+        ids, clusters = ids[keep], clusters[keep]
+        present = np.unique(clusters).tolist()
+        all_clusters = sorted(set(range(int(run.k))) | set(present))
+        width = max(2, len(str(all_clusters[-1]))) if all_clusters else 2
         rec = Recorder(conn, sid)
-        label_of = {c: rec.create_label(f"cluster_{c:0{width}d}", c) for c in clusters}
-        rows: dict[int, ImageState | None] = {
-            i: (label_of[c], 0, "normal", None, 0) for i, c in members
-        }
-        rec.set_images({}, rows)
+        label_of = {c: rec.create_label(f"cluster_{c:0{width}d}", c) for c in all_clusters}
+        keys = np.asarray(all_clusters, np.int64)
+        label_ids = np.asarray([label_of[c] for c in all_clusters], np.int64)
+        labels = label_ids[np.searchsorted(keys, clusters)] if len(ids) else clusters
+        # The start rows stay implicit (`imgcluster.labels._store.session_base`): no row
+        # per image, and the audit row names them by reference to the run.
+        conn.execute(
+            "UPDATE label_sessions SET base = ? WHERE id = ?",
+            (base_json(run.id, label_of, left_out.tolist()), sid),
+        )
+        rec.started = {**start_reference(run.id, left_out.tolist()), "n_images": len(ids)}
         record(
             conn,
             sid,
             actor,
             "start",
             f"start labeling from clustering run {run.id} (k={run.k}, {run.backbone}; "
-            f"{len(clusters)} labels, {len(members)} images)",
+            f"{len(all_clusters)} labels, {len(ids)} images)",
             {"run_id": run.id},
             rec,
             status=None,
         )
         session = conn.execute("SELECT * FROM label_sessions WHERE id = ?", (sid,)).fetchone()
-        if members:
-            pending = geometry.refresh(workspace, conn, session, None, known=rows)
+        if len(ids):
+            pending = geometry.refresh(workspace, conn, session, None, known=(ids, labels))
     geometry.publish(pending)
     return sid
+
+
+def _usable(conn: Any, ids: np.ndarray) -> np.ndarray:
+    """Which of a run's image ids a new session labels: not skipped or missing, and still
+    in the catalogue. The few unusable images come from the status index (an IN list of
+    every assigned id costs a query per 900 images: seconds at 1M)."""
+    unusable = np.asarray(
+        [
+            int(r[0])
+            for r in conn.execute(
+                "SELECT id FROM image_catalog WHERE status IN ('skipped', 'missing')"
+            )
+        ],
+        np.int64,
+    )
+    top = int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM image_catalog").fetchone()[0])
+    return (ids <= top) & ~np.isin(ids, unusable)
 
 
 def follow_k(

@@ -73,6 +73,10 @@ def app_server(
         **os.environ,
         "IMGCLUSTER_WORKSPACES": str(workspaces),
         "PYTHONUNBUFFERED": "1",
+        # The background UMAP worker only for modules that say ``APP_UMAP = True``: elsewhere
+        # it would compete for the CPU and, once the refined space is ready, move untouched
+        # clusters to it in the middle of a test (what the app does for a user, on purpose).
+        "IMGCLUSTER_UMAP": "1" if getattr(request.module, "APP_UMAP", False) else "0",
     }
     env.pop("IMGCLUSTER_ALLOWED_ROOTS", None)  # the defaults: the project folder, sample_data/
     # One log per test module: modules (and people) running at once never share one.

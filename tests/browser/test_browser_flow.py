@@ -83,8 +83,10 @@ def step_02_images_page(page):
     go(page, "Images")
     page.get_by_test_id("stMetric").first.wait_for()
     assert "120" in page.get_by_test_id("stMetric").first.inner_text()
-    page.get_by_test_id("stImage").first.wait_for()
-    assert page.get_by_test_id("stImage").count() >= 40
+    # The page's photos arrive while its script runs: wait for them, not for the first one.
+    page.wait_for_function(
+        "() => document.querySelectorAll('[data-testid=\"stImage\"]').length >= 40"
+    )
     shot(page, "02-images")
 
 

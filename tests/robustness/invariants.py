@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imgcluster.labels._store import image_states
+from imgcluster.labels.audit import started_images
 from imgcluster.workspace import Workspace
 
 #: A skip reason is "<kind>" or "<kind>: <detail>", the kind in plain lower-case words.
@@ -172,6 +174,8 @@ def audit_mismatches(ws: Workspace) -> list[str]:
             "SELECT changes FROM audit_log WHERE session_id = ? ORDER BY id", (sid,)
         ):
             document = json.loads(changes)
+            # A start names its image rows by reference to its run (`started_images`).
+            images.update(started_images(conn, document))
             for label_id, _before, after in document["labels"]:
                 labels[int(label_id)] = tuple(after) if after is not None else None
             for image_id, _before, after in document["images"]:
@@ -183,15 +187,9 @@ def audit_mismatches(ws: Workspace) -> list[str]:
                 (sid,),
             )
         }
-        current = {
-            row[0]: (row[1], row[2], row[3], row[4], row[5])
-            for row in conn.execute(
-                "SELECT image_id, label_id, confirmed, state, confidence, by_hand "
-                "FROM image_labels "
-                "WHERE session_id = ?",
-                (sid,),
-            )
-        }
+        # The session's rows as the library reads them: ``image_labels`` merged over the
+        # implicit start rows (only the images that differ from the start are stored).
+        current = image_states(conn, sid)
     found = []
     replayed_labels = {i: v for i, v in labels.items() if v is not None}
     if replayed_labels != live:
