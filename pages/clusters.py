@@ -279,7 +279,6 @@ def refined_offer(ws: Workspace, backbone: str) -> None:
     """Issue 13 §1: once the refined space is ready and labeling has started, offer to
     re-cluster the undecided images in it, keeping every decision (confirmed, moved by hand,
     excluded). Labels never change by themselves: only this button does it, and Undo reverts."""
-
     session, _run_k, edits = views.session_info(ws)
     if session is None or edits == 0 or session.backbone != backbone:
         return
