@@ -13,6 +13,7 @@ import numpy as np
 __all__ = [
     "centroid_sums",
     "exact_silhouette",
+    "find_sorted",
     "knn_scores",
     "knn_vote",
     "sq_distances",
@@ -188,3 +189,15 @@ def knn_scores(
     totals = out.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(totals > 0, out / totals, 0.0)
+
+
+def find_sorted(sorted_ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``wanted`` sits in ``sorted_ids`` (ascending, unique): the positions of
+    those found (in ``wanted``'s order) and the mask of which were found. One `searchsorted`
+    instead of a dict per id (a dict of 1M ids costs about a second)."""
+    wanted = np.asarray(wanted, np.int64)
+    if not len(sorted_ids) or not len(wanted):
+        return np.zeros(0, np.int64), np.zeros(len(wanted), bool)
+    pos = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1)
+    found = sorted_ids[pos] == wanted
+    return pos[found], found

@@ -402,10 +402,19 @@ def skipped(path: str, revision: int) -> list[tuple[str, str]]:
 def feature_counts(ws: Workspace) -> dict[str, int]:
     """Usable images with a vector, per backbone; recounted only when the images or the stored
     vectors changed, not after each label write (a join over every image: seconds at 1M)."""
+    path, revision = ws_key(ws)
+    return _feature_counts(path, *_feature_stamps(path, revision))
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _feature_stamps(path: str, revision: int) -> tuple[tuple, tuple]:
+    """The images and shards stamps, read once per revision (a rerun without a write reads
+    nothing; after a label write, two small scans instead of the join)."""
     from imgcluster.features import shards_version
     from imgcluster.workspace import images_version
 
-    return _feature_counts(str(ws.path), images_version(ws), shards_version(ws))
+    ws = workspace(path)
+    return images_version(ws), shards_version(ws)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)

@@ -491,3 +491,19 @@ def test_a_run_stored_as_rows_by_an_older_version_reads_as_it_was_stored(ws: Wor
     runs.clear_cache()
     got = runs.run_cluster_arrays(ws, run.id)
     assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_find_sorted_positions_and_mask_agree_with_a_dict_lookup() -> None:
+    """The one sorted-id lookup the labels, names and app share: random ids, some absent,
+    repeated, out of range, and both sides empty."""
+    from imgcluster.metrics import find_sorted
+
+    rng = np.random.default_rng(3)
+    ids = np.unique(rng.integers(0, 5_000, 2_000))
+    wanted = np.concatenate([rng.integers(-10, 5_100, 3_000), ids[:5], ids[:5]])
+    pos, found = find_sorted(ids, wanted)
+    where = {int(i): p for p, i in enumerate(ids.tolist())}
+    assert found.tolist() == [int(w) in where for w in wanted]
+    assert pos.tolist() == [where[int(w)] for w in wanted if int(w) in where]
+    assert [len(a) for a in find_sorted(ids[:0], wanted)] == [0, len(wanted)]
+    assert [len(a) for a in find_sorted(ids, wanted[:0])] == [0, 0]

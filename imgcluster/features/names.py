@@ -15,6 +15,7 @@ import numpy as np
 
 from imgcluster.backbones import imagenet_classes, split_feature_set
 from imgcluster.features.store import load_top_classes
+from imgcluster.metrics import find_sorted
 from imgcluster.workspace import Workspace
 
 __all__ = ["NAME_SEPARATOR", "class_scores", "feature_top_classes", "suggest_names"]
@@ -99,10 +100,7 @@ def class_scores(
     scores: dict[int, np.ndarray] = {}
     for label_id, ids in groups.items():
         wanted = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64)
-        at = np.searchsorted(sorted_ids, wanted)
-        found = at < len(sorted_ids)
-        found[found] = sorted_ids[at[found]] == wanted[found]
-        rows = order[at[found]]
+        rows = order[find_sorted(sorted_ids, wanted)[0]]
         if not len(rows):
             continue
         total = np.bincount(

@@ -22,6 +22,7 @@ import numpy as np
 from imgcluster.errors import NoLabelSession, UnknownImage, UnknownLabel
 from imgcluster.labels.names import name_key, normal_form
 from imgcluster.labels.results import ImageState, LabelState, Session
+from imgcluster.metrics import find_sorted
 from imgcluster.workspace import read_collection_root
 
 SQL_CHUNK = 900  # stay under SQLite's bound-variable limit on old builds
@@ -298,7 +299,7 @@ class Base:
 
     def find(self, image_ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Positions of ``image_ids`` in the base, and which of them are in it."""
-        return _find(self.ids, np.asarray(image_ids, np.int64))
+        return find_sorted(self.ids, np.asarray(image_ids, np.int64))
 
     def states(self, image_ids: Sequence[int]) -> dict[int, ImageState]:
         """The implicit rows of those of ``image_ids`` the base holds."""
@@ -308,14 +309,6 @@ class Base:
             int(i): (int(lab), 0, "normal", None, 0)
             for i, lab in zip(wanted[found].tolist(), self.labels[pos].tolist(), strict=True)
         }
-
-
-def _find(sorted_ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if not len(sorted_ids) or not len(wanted):
-        return np.zeros(0, np.int64), np.zeros(len(wanted), bool)
-    pos = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1)
-    found = sorted_ids[pos] == wanted
-    return pos[found], found
 
 
 _bases: OrderedDict[tuple, Base] = OrderedDict()
@@ -380,7 +373,7 @@ class Rows:
 
     def find(self, image_ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Positions of ``image_ids`` that have a row, and which of them do."""
-        return _find(self.ids, np.asarray(image_ids, np.int64))
+        return find_sorted(self.ids, np.asarray(image_ids, np.int64))
 
     def members(self, label_id: int) -> np.ndarray:
         """Image ids of one label (sorted)."""

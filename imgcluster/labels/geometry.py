@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imgcluster.labels.results import ImageState
-from imgcluster.metrics import exact_silhouette
+from imgcluster.metrics import exact_silhouette, find_sorted
 
 if TYPE_CHECKING:
     from imgcluster.features import FeatureMatrix
@@ -540,12 +540,8 @@ class _Entry:
         image_ids = np.asarray(image_ids, np.int64)
         if self._order is None:
             self._order = np.argsort(self.ids, kind="stable")
-        if not len(self.ids):
-            return np.zeros(0, np.int64), np.zeros(len(image_ids), bool)
-        sorted_ids = self.ids[self._order]
-        pos = np.minimum(np.searchsorted(sorted_ids, image_ids), len(sorted_ids) - 1)
-        found = sorted_ids[pos] == image_ids
-        return self._order[pos[found]], found
+        pos, found = find_sorted(self.ids[self._order], image_ids)
+        return self._order[pos], found
 
     def geometry_of(self, image_ids: list[int]) -> dict[int, tuple]:
         """``{image id: (distance, silhouette, poor fit, nearest other label id)}`` for those
@@ -761,10 +757,8 @@ def _started_rows(
     """Label, ``normal`` and ``confirmed`` of each of ``ids`` when the session's rows are
     exactly ``image_ids`` (sorted) in ``label_ids``, all normal and unconfirmed: a start."""
     label_of = np.full(len(ids), -1, np.int64)
-    if len(ids) and len(image_ids):
-        pos = np.minimum(np.searchsorted(image_ids, ids), len(image_ids) - 1)
-        hit = image_ids[pos] == ids
-        label_of[hit] = label_ids[pos[hit]]
+    pos, hit = find_sorted(image_ids, ids)
+    label_of[hit] = label_ids[pos]
     return label_of, label_of >= 0, np.zeros(len(ids), bool)
 
 
