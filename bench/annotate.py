@@ -34,6 +34,11 @@ these features: the same oracle and accounting, but the grid ranked by a logisti
 trained on the *true* classes (out of fold, so no image scores itself). ``--only`` restricts
 the variants by name (e.g. ``--only refined,fusion``).
 
+With ``--scattered 0.05,0.1`` the session starts instead from the *true* labels with that share
+of the images each moved to a random other label (single misfits scattered over all labels,
+what the held-out sets' refined clusterings left), and the same oracle runs with and without
+gather: what the gather tool is for, measured where lassos cannot group the misfits.
+
 With ``--scale N`` it also times the app's queries and a move on a synthetic workspace of N
 images (default 100k) and 50 labels, against the clustering module's own page query
 (`imgcluster.clustering.cluster_members`) measured in the same run.
@@ -42,6 +47,7 @@ Usage::
 
     python bench/annotate.py [--workspace /tmp/imgcluster-bench-annotate] [--scale 100000]
     python bench/annotate.py --workspace WS --variants [--seeds 10] [--only refined,fusion]
+    python bench/annotate.py --workspace WS --scattered 0.05,0.1,0.2 [--seeds 10]
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ from typing import Protocol
 import numpy as np
 
 from imgcluster import labels as L
-from imgcluster.clustering import cluster, cluster_members
+from imgcluster.clustering import cluster, cluster_members, store_partition
 from imgcluster.features import extract, feature_counts, save_vectors
 from imgcluster.images import ingest
 from imgcluster.workspace import Workspace
@@ -373,6 +379,59 @@ def variants(ws: Workspace, n_seeds: int, only: Sequence[str] = ()) -> None:
         )
 
 
+def scattered(ws: Workspace, fractions: Sequence[float], n_seeds: int) -> None:
+    """The oracle on labels that are right but for single misfits scattered over all labels.
+
+    The held-out sets' finding (issue 13 §7): after a good clustering the remaining work is
+    single misfits, one move each, where a lasso per (label, class) group saves nothing. This
+    starts the session from the *true* partition with a share ``fraction`` of the images each
+    put in a random other class's label (`store_partition`), then runs the same oracle with and
+    without the gather tool. Seeds drive which images stray and where.
+    """
+    classes = truth()
+    names = sorted(set(classes.values()))
+    index = {name: i for i, name in enumerate(names)}
+    image_ids = {image.relpath: image.id for image in ws.images()}
+    paths = sorted(image_ids)
+    modes: list[tuple[str, Gatherer | None]] = [
+        ("no", None),
+        ("kNN vote (labels.gather)", library_gather),
+        ("true-label probe (bound)", TruthProbe(classes)),
+    ]
+    print(
+        f"| misfits scattered | gather | actions to 100% ({n_seeds} seeds) | images per action "
+        "| gather first-page precision | with a perfect gather |"
+    )
+    print("|---|---|---|---|---|---|")
+    for fraction in fractions:
+        for mode, gatherer in modes:
+            totals, per_action, precision, ideal = [], [], [], []
+            for seed in range(n_seeds):
+                rng = np.random.default_rng(seed)
+                assignment = {image_ids[p]: index[classes[p]] for p in paths}
+                strays = rng.choice(len(paths), size=round(fraction * len(paths)), replace=False)
+                for row in strays:
+                    own = assignment[image_ids[paths[row]]]
+                    other = int(rng.integers(len(names) - 1))
+                    assignment[image_ids[paths[row]]] = other + (other >= own)
+                run_id = store_partition(ws, BACKBONE, assignment, preprocess="pca")
+                result = simulate(
+                    ws, run_id, use_gather=gatherer is not None, gatherer=gatherer or library_gather
+                )
+                totals.append(result["total"])
+                per_action.append(result["per_action"])
+                precision.append(result["gather_precision"])
+                ideal.append(result["ideal_gather"])
+            used = gatherer is not None
+            print(
+                f"| {fraction:.0%} | {mode} | {np.mean(totals):.1f} ± {np.std(totals):.1f} | "
+                f"{np.mean(per_action):.1f} ± {np.std(per_action):.1f} | "
+                f"{f'{np.mean(precision):.2f}' if used else ''} | "
+                f"{f'{np.mean(ideal):.1f}' if used else ''} |",
+                flush=True,
+            )
+
+
 def _accuracy(ws: Workspace, classes: dict[str, str]) -> float:
     rows = L.current_labels(ws)
     return sum(classes[r.relpath] == r.label for r in rows) / len(rows)
@@ -429,12 +488,21 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="Oracle per pipeline variant.")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument(
+        "--scattered",
+        default="",
+        help="Comma-separated shares (e.g. 0.05,0.1,0.2): the oracle on the true labels with "
+        "that share of images scattered as single misfits.",
+    )
+    parser.add_argument(
         "--only", default="", help="Comma-separated words: only the variants whose name has one."
     )
     args = parser.parse_args()
     if not (DATASET / "labels.csv").exists():
         raise SystemExit(f"{DATASET} not found (it lives in ../shared beside the project)")
     ws, run_id = prepare(args.workspace)
+    if args.scattered:
+        scattered(ws, [float(f) for f in args.scattered.split(",")], args.seeds)
+        return
     if args.variants:
         variants(ws, args.seeds, [w for w in args.only.split(",") if w])
         return

@@ -18,7 +18,8 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import streamlit as st
@@ -40,6 +41,19 @@ _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:=&\"'^])")
 
 
 # -- text -------------------------------------------------------------------------------------
+
+
+def choice_key(base: str, shown: Iterable[str]) -> str:
+    """A selectbox key that changes whenever the texts its options show change.
+
+    Streamlit keeps a selectbox's value as the *text* shown for it: once that text changes
+    (a label's count after a move, a rename) the next run gets the stale text back as the
+    value, not the option, and an ``on_change`` reads a string where it expects an id (the
+    Label page jumped to the first label on the first click after any move). With the texts
+    in the key, new texts make a new widget that starts from its ``index``.
+    """
+    digest = zlib.crc32("\x1f".join(shown).encode("utf-8", "surrogatepass"))
+    return f"{base}_{digest:08x}"
 
 
 def md_escape(text: object) -> str:

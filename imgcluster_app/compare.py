@@ -90,7 +90,10 @@ def chooser(
         chosen = None
         st.session_state[KEY] = None
     options: list[int | None] = [None, *others]
-    key = f"{KEY}_pick_{current.id}_{int(st.session_state.get(NONCE, 0))}"
+    key = common.choice_key(
+        f"{KEY}_pick_{current.id}_{int(st.session_state.get(NONCE, 0))}",
+        (describe(s) for s in others.values()),
+    )
 
     def picked() -> None:
         st.session_state[KEY] = st.session_state.get(key)

@@ -283,12 +283,13 @@ def move_form(
     meanwhile (another annotator), nothing moves and the page says so.
     """
     options = [NEW_LABEL, *label_names]
+    target_key = common.choice_key(f"{key}_target", label_names)
     cols = st.columns([1] if compact else [2, 2, 1], vertical_alignment="bottom")
     target_col, name_col, go_col = (cols[0], cols[0], cols[0]) if compact else cols
     target = target_col.selectbox(
         "Move to label",
         options,
-        key=f"{key}_target",
+        key=target_key,
         format_func=lambda o: NEW_LABEL_TEXT if o is NEW_LABEL else o,
     )
     if target is NEW_LABEL:
@@ -299,7 +300,7 @@ def move_form(
         type="primary",
         icon=":material/drive_file_move:",
         disabled=not ids,
-        on_click=_callback(_move, ws, list(ids), f"{key}_target", f"{key}_new", shown, after),
+        on_click=_callback(_move, ws, list(ids), target_key, f"{key}_new", shown, after),
     )
 
 

@@ -243,7 +243,7 @@ def label_picker(ws: Workspace, table: views.LabelTable) -> lb.LabelSummary:
         or "name"
     )
     ids = [s.id for s in _sorted(table.summaries, how)]
-    key = f"{V}label_pick_{_nonce('pick')}"
+    key = common.choice_key(f"{V}label_pick_{_nonce('pick')}", (_describe(by_id[i]) for i in ids))
 
     def picked() -> None:
         chosen = st.session_state.get(key)

@@ -217,7 +217,8 @@ def test_larger_view_of_one_image_and_move_from_it(home, labeled):
     assert data["relpath"] == relpath and data["src"].startswith("data:image/jpeg;base64,")
     assert data["has_next"] and not data["has_prev"]  # the first of its label
     target = next(s for s in lb.list_labels(ws) if s.id != label and s.count)
-    at.selectbox(key="label_focus_move_target").set_value(target.name)
+    # keyed by its options' texts too (common.choice_key): found by its label
+    next(box for box in at.selectbox if box.label == "Move to label").set_value(target.name)
     ok(at.button(key="label_focus_move_go").click().run())
     assert image in {i.image_id for i in lb.label_images(ws, target.id, limit=1000)}
 

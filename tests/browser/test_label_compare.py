@@ -112,3 +112,32 @@ def test_compare_move_the_selection_there_and_the_chooser_follows(browser_page, 
     assert page.locator(".icc").count() == 0
     assert "compare=" not in page.url
     assert page.locator(GRID_CELL).count() > 0
+
+
+def test_a_click_after_a_move_keeps_the_label_and_the_comparison(browser_page, app_server, labws):
+    """Streamlit keeps a chooser's value as the text it shows; a move changes a label's count
+    and so that text, and the next click anywhere brought the stale text back: the page
+    jumped to the first label and the comparison closed (issue 13's gather test met it)."""
+    page = browser_page
+    name, path, info = labws
+    _a, b, c = info["by_class"]
+    open_label_page(page, app_server["url"], name)
+    pick_label(page, b)
+    pick_compare(page, c)
+    in_b = sum(label == b for label in label_of_files(path).values())
+    for step in range(2):
+        tick(page, 0)
+        if step == 0:  # from the grid's own bar
+            page.get_by_role("button", name="Move 1 image").first.click()
+        else:  # from the comparison column
+            page.locator(f".icc[data-compare='{c}']").get_by_role(
+                "button", name=re.compile(r"^Move ")
+            ).click()
+        settle(page)
+        assert chosen_label(page) == b and compared(page) == c
+        # Any other widget: the labels' sort order, then back.
+        page.get_by_role("radio", name="Size" if step == 0 else "Name", exact=True).click()
+        settle(page)
+        assert chosen_label(page) == b, f"after move {step + 1}, a click opened another label"
+        assert compared(page) == c, f"after move {step + 1}, a click closed the comparison"
+    assert sum(label == b for label in label_of_files(path).values()) == in_b - 2
