@@ -98,10 +98,13 @@ def selection_grid(
     on_action: Callable[[dict[str, Any]], None],
     on_open: Callable[[int], None],
     max_name: int = 200,
+    moves_only: bool = False,
 ) -> None:
     """Draw the grid. ``items``: ``{id, relpath, src, misfit, nearer, confirmed, state,
     by_hand}``; ``targets``: ``{id, name}`` of the labels a selection can move to (digits 1-9
     pick the first nine). ``view`` identifies what is shown; a selection never outlives it.
+    ``moves_only``: only "Move" to one of ``targets`` (no new label, no confirm / unsure /
+    exclude buttons), for a grid whose only action is a move, as gathering strays.
 
     ``on_action({"kind", "ids", "view", "target" | "new_name"})`` and ``on_open(image_id)``
     run as widget callbacks.
@@ -119,7 +122,13 @@ def selection_grid(
 
     _grid_component()(
         key=key,
-        data={"view": view, "items": list(items), "targets": list(targets), "max_name": max_name},
+        data={
+            "view": view,
+            "items": list(items),
+            "targets": list(targets),
+            "max_name": max_name,
+            "moves_only": moves_only,
+        },
         on_action_change=action,
         on_open_change=open_,
     )

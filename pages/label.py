@@ -540,6 +540,7 @@ def gather_section(ws: Workspace, summary: lb.LabelSummary) -> None:
             for s in strays
         ],
         targets=[{"id": summary.id, "name": summary.name}],
+        moves_only=True,
         on_action=lambda payload: (
             views.callback(_accept_strays, ws, summary.id, label_of, payload)(),
             _bump("grid"),

@@ -16,6 +16,9 @@ Rules, as enforced here:
   own ``sqlite_master``. `imgcluster.migrations` builds every table (DDL only) and may name all.
 - Errors: every exception raised on purpose derives from `ImgclusterError`; the few others are
   listed in `OTHER_RAISES`, each with why.
+- The app's choosers: a keyed ``selectbox`` / ``multiselect`` / ``radio`` with a
+  ``format_func`` keys on its option texts (`imgcluster_app.common.choice_key`) or is listed in
+  `STABLE_CHOOSERS` with why its texts cannot change while it is shown.
 """
 
 from __future__ import annotations
@@ -347,3 +350,84 @@ def test_library_parameters_use_one_name_for_random_state_and_workspace() -> Non
                     if arg.arg in RENAMED:
                         found.append(f"{name}.{node.name}({arg.arg}=): say {RENAMED[arg.arg]}")
     assert found == []
+
+
+# -- the app's choosers ------------------------------------------------------------------------
+
+APP = ROOT.parent
+#: Choosers whose option texts never change while shown (so a key without them is safe).
+STABLE_CHOOSERS = {
+    ("pages/start.py", "'start_open_pick'"): "workspace folders, shown by name",
+    ("pages/export.py", "'export_split'"): "constant texts",
+    ("pages/export.py", "'export_mode'"): "constant texts",
+    ("pages/features.py", "f'{common.VIEW_PREFIX}features_backbone'"): (
+        "a feature set's name and description, never its progress"
+    ),
+    ("pages/label.py", "'label_merge_with'"): (
+        "names change only by a rename, which bumps the version the merge expects: it refuses"
+    ),
+}
+
+
+def _keyed_choosers(tree: ast.AST) -> list[tuple[int, ast.expr]]:
+    """``(line, key expression)`` of every keyed ``selectbox`` / ``multiselect`` / ``radio``
+    call with a ``format_func``."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        if node.func.attr not in ("selectbox", "multiselect", "radio"):
+            continue
+        kwargs = {k.arg: k.value for k in node.keywords}
+        if "format_func" in kwargs and "key" in kwargs:
+            found.append((node.lineno, kwargs["key"]))
+    return found
+
+
+def _is_choice_key(expr: ast.expr, tree: ast.AST) -> bool:
+    """A ``choice_key(...)`` call, or a name assigned from one in the same module."""
+
+    def call(e: ast.expr) -> bool:
+        return isinstance(e, ast.Call) and getattr(e.func, "attr", getattr(e.func, "id", "")) == (
+            "choice_key"
+        )
+
+    if call(expr):
+        return True
+    if isinstance(expr, ast.Name):
+        return any(
+            isinstance(n, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == expr.id for t in n.targets)
+            and call(n.value)
+            for n in ast.walk(tree)
+        )
+    return False
+
+
+def test_keyed_choosers_with_formatted_options_key_on_their_texts() -> None:
+    """Streamlit keeps a chooser's value as the text it shows. When that text changes (a count
+    after a move, a rename) the next run gets the stale text back instead of the option: the
+    Label page jumped to its first label on the first click after any move. A keyed chooser
+    with a ``format_func`` must therefore key on its texts (`common.choice_key`), or be listed
+    in `STABLE_CHOOSERS` with why its texts cannot change."""
+    offenders = []
+    files = [*APP.joinpath("pages").glob("*.py"), *APP.joinpath("imgcluster_app").glob("*.py")]
+    files.append(APP / "app.py")
+    for path in files:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        rel = path.relative_to(APP).as_posix()
+        for line, key in _keyed_choosers(tree):
+            if (rel, ast.unparse(key)) in STABLE_CHOOSERS or _is_choice_key(key, tree):
+                continue
+            offenders.append(f"{rel}:{line}")
+    assert not offenders, f"keyed choosers with formatted options not on choice_key: {offenders}"
+
+
+def test_the_chooser_check_finds_a_bare_key() -> None:
+    tree = ast.parse(
+        "st.selectbox('L', ids, format_func=str, key='x')\n"
+        "k = common.choice_key('y', texts)\n"
+        "st.selectbox('L', ids, format_func=str, key=k)\n"
+    )
+    keys = _keyed_choosers(tree)
+    assert [_is_choice_key(k, tree) for _line, k in keys] == [False, True]

@@ -55,7 +55,8 @@ function build(parent, data) {
   data.targets.forEach((t, i) => {
     select.append(el("option", { value: String(t.id), "data-key": i < 9 ? i + 1 : null }, t.name));
   });
-  select.append(el("option", { value: NEW_LABEL }, "+ New label…"));
+  // A moves-only grid (gathering into one label) offers neither a new label nor the states.
+  if (!data.moves_only) select.append(el("option", { value: NEW_LABEL }, "+ New label…"));
   targetBox.append(select);
   const newName = el("input", {
     type: "text",
@@ -72,7 +73,7 @@ function build(parent, data) {
     ["excluded", "Exclude from export", "Keep out of the exported dataset"],
     ["normal", "Back to normal", "Undo unsure / excluded for these images"],
   ];
-  for (const [act, label, title] of stateButtons) {
+  for (const [act, label, title] of data.moves_only ? [] : stateButtons) {
     actions.append(el("button", { type: "button", "data-act": act, title }, label));
   }
 

@@ -1,6 +1,6 @@
 """The Label page's "Gather strays" tool in a real Chromium (issue 13 §7), as an annotator uses
 it: open a label, turn gathering on, see the strays of its class that sit in another label,
-pick some, move them in; the rest stay offered; off and on again; another label.
+pick some, move them in; the rest stay offered; off and on again; undo, redo; another label.
 
 The workspace starts from a deliberately wrong partition (`store_partition`): five images whose
 vectors sit in class 1's blob are in class 0's cluster, so the kNN vote puts them in class 1's
@@ -96,6 +96,10 @@ def test_gather_offers_the_strays_and_moves_exactly_the_picked_ones(
     page.locator(f"{GATHER_GRID} {GRID_CELL}").first.wait_for()
     assert sorted(gathered(page)) == strays, "the grid offers exactly the strays of this label"
     assert page.get_by_text(f"{N_STRAYS} images of other labels look like {home}").count() == 1
+    # Its one action is a move here: no confirm / unsure / exclude, no new label.
+    bar = page.locator(GATHER_GRID)
+    assert bar.get_by_role("button", name="Confirm").count() == 0
+    assert bar.locator("option").all_inner_texts() == [home]
 
     # Pick the first and the third, move them in: exactly those two change label.
     shown = gathered(page)
@@ -123,6 +127,17 @@ def test_gather_offers_the_strays_and_moves_exactly_the_picked_ones(
     last = gathered(page)[1]
     page.locator(f"{GATHER_GRID} {GRID_CELL}").nth(1).click()
     page.locator(GATHER_GRID).get_by_role("button", name="Move 1 image").click()
+    settle(page)
+    assert label_of_files(path)[last] == home
+    expect(page.locator(f"{GATHER_GRID} {GRID_CELL}")).to_have_count(N_STRAYS - 3)
+    # Undo takes that one back where it was, and it is offered again.
+    page.get_by_role("button", name="Undo", exact=True).click()
+    settle(page)
+    assert label_of_files(path)[last] == away
+    expect(page.locator(f"{GATHER_GRID} {GRID_CELL}")).to_have_count(N_STRAYS - 2)
+    assert last in gathered(page) and chosen_label(page) == home
+    # Redo moves it in again.
+    page.get_by_role("button", name="Redo", exact=True).click()
     settle(page)
     assert label_of_files(path)[last] == home
     expect(page.locator(f"{GATHER_GRID} {GRID_CELL}")).to_have_count(N_STRAYS - 3)

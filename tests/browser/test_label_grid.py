@@ -169,6 +169,7 @@ def test_the_place_survives_a_reload(browser_page, app_server, labws):
     page.reload()
     page.get_by_role("heading", name="Label", level=1).wait_for()
     settle(page)
+    page.locator(GRID_CELL).first.wait_for()  # the grid's script loads after the first run
     assert chosen_label(page) == label
     assert shown_names(page) == before
     assert page.get_by_test_id("stPaginationPageActive").inner_text().strip() == "2"
