@@ -505,7 +505,8 @@ def gather_section(ws: Workspace, summary: lb.LabelSummary) -> None:
     if not st.toggle(
         f"Gather strays into {common.md_escape(summary.name)}",
         key=GATHER_KEY,
-        help="Images of other labels whose neighbours are mostly in this label",
+        help="Images of other labels whose nearest neighbours are more in this label than in any "
+        "other, their own included",
     ):
         return
     try:
