@@ -57,7 +57,7 @@ import csv
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -314,6 +314,42 @@ class TruthProbe:
         return [image for _p, image in offered[:PAGE]]
 
 
+def _gather_modes() -> list[tuple[str, Gatherer | None]]:
+    """The gather modes every table compares: none, the app's, and the true-label bound."""
+    return [
+        ("no", None),
+        ("kNN vote (labels.gather)", library_gather),
+        ("true-label probe (bound)", TruthProbe(truth())),
+    ]
+
+
+#: A table's header cells after its own leading columns.
+_CELLS_HEAD = "actions to 100% ({n} seeds) | images per action | gather first-page precision | "
+_CELLS_HEAD += "with a perfect gather |"
+
+
+def _oracle_cells(ws: Workspace, run_ids: Iterable[int], gatherer: Gatherer | None) -> str:
+    """The oracle on each run (with ``gatherer``, or none), as a table's cells:
+    actions and images per action (mean ± std), and with gather its first-page precision and
+    the perfect-gather bound."""
+    results = [
+        simulate(ws, run_id, use_gather=gatherer is not None, gatherer=gatherer or library_gather)
+        for run_id in run_ids
+    ]
+
+    def spread(key: str) -> str:
+        values = [r[key] for r in results]
+        return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+
+    used = gatherer is not None
+    precision = np.mean([r["gather_precision"] for r in results])
+    ideal = np.mean([r["ideal_gather"] for r in results])
+    return (
+        f"{spread('total')} | {spread('per_action')} | "
+        f"{f'{precision:.2f}' if used else ''} | {f'{ideal:.1f}' if used else ''} |"
+    )
+
+
 def variants(ws: Workspace, n_seeds: int, only: Sequence[str] = ()) -> None:
     """The oracle's actions per pipeline variant, k and gather tool (mean ± std over seeds)."""
     n_classes = len(set(truth().values()))
@@ -327,56 +363,22 @@ def variants(ws: Workspace, n_seeds: int, only: Sequence[str] = ()) -> None:
     ]
     if only:
         grid = [g for g in grid if any(word.lower() in g[0].lower() for word in only)]
-    probe = TruthProbe(truth())
-    modes: list[tuple[str, Gatherer | None]] = [
-        ("no", None),
-        ("kNN vote (labels.gather)", library_gather),
-        ("true-label probe (bound)", probe),
-    ]
+    modes = _gather_modes()
     rows = []
     for name, backbone, preprocess in grid:
         for k in (n_classes, 2 * n_classes):
             for mode, gatherer in modes:
-                use_gather = gatherer is not None
-                totals, per_action, precision, ideal = [], [], [], []
                 start = time.perf_counter()
-                for seed in range(n_seeds):
-                    run = cluster(ws, backbone, k, random_state=seed, preprocess=preprocess)
-                    result = simulate(
-                        ws, run.id, use_gather=use_gather, gatherer=gatherer or library_gather
-                    )
-                    totals.append(result["total"])
-                    per_action.append(result["per_action"])
-                    precision.append(result["gather_precision"])
-                    ideal.append(result["ideal_gather"])
-                rows.append(
-                    (
-                        name,
-                        k,
-                        mode,
-                        np.mean(totals),
-                        np.std(totals),
-                        np.mean(per_action),
-                        np.std(per_action),
-                        np.mean(precision) if use_gather else float("nan"),
-                        np.mean(ideal),
-                        time.perf_counter() - start,
-                    )
+                runs = (
+                    cluster(ws, backbone, k, random_state=seed, preprocess=preprocess).id
+                    for seed in range(n_seeds)
                 )
-                print(rows[-1], flush=True)
+                rows.append(f"| {name} | {k} | {mode} | {_oracle_cells(ws, runs, gatherer)}")
+                print(f"{rows[-1]}  ({time.perf_counter() - start:.0f} s)", flush=True)
     print()
-    print(
-        f"| variant | k | gather | actions to 100% ({n_seeds} seeds) | images per action "
-        "| gather first-page precision | with a perfect gather |"
-    )
+    print(f"| variant | k | gather | {_CELLS_HEAD.format(n=n_seeds)}")
     print("|---|---|---|---|---|---|---|")
-    for name, k, mode, mean, std, ipa, ipa_std, prec, best, _seconds in rows:
-        used = mode != "no"
-        print(
-            f"| {name} | {k} | {mode} | {mean:.1f} ± {std:.1f} | "
-            f"{ipa:.1f} ± {ipa_std:.1f} | {f'{prec:.2f}' if used else ''} | "
-            f"{f'{best:.1f}' if used else ''} |"
-        )
+    print("\n".join(rows))
 
 
 def scattered(ws: Workspace, fractions: Sequence[float], n_seeds: int) -> None:
@@ -393,43 +395,22 @@ def scattered(ws: Workspace, fractions: Sequence[float], n_seeds: int) -> None:
     index = {name: i for i, name in enumerate(names)}
     image_ids = {image.relpath: image.id for image in ws.images()}
     paths = sorted(image_ids)
-    modes: list[tuple[str, Gatherer | None]] = [
-        ("no", None),
-        ("kNN vote (labels.gather)", library_gather),
-        ("true-label probe (bound)", TruthProbe(classes)),
-    ]
-    print(
-        f"| misfits scattered | gather | actions to 100% ({n_seeds} seeds) | images per action "
-        "| gather first-page precision | with a perfect gather |"
-    )
+
+    def scattered_run(fraction: float, seed: int) -> int:
+        rng = np.random.default_rng(seed)
+        assignment = {image_ids[p]: index[classes[p]] for p in paths}
+        for row in rng.choice(len(paths), size=round(fraction * len(paths)), replace=False):
+            own = assignment[image_ids[paths[row]]]
+            other = int(rng.integers(len(names) - 1))
+            assignment[image_ids[paths[row]]] = other + (other >= own)
+        return store_partition(ws, BACKBONE, assignment, preprocess="pca")
+
+    print(f"| misfits scattered | gather | {_CELLS_HEAD.format(n=n_seeds)}")
     print("|---|---|---|---|---|---|")
     for fraction in fractions:
-        for mode, gatherer in modes:
-            totals, per_action, precision, ideal = [], [], [], []
-            for seed in range(n_seeds):
-                rng = np.random.default_rng(seed)
-                assignment = {image_ids[p]: index[classes[p]] for p in paths}
-                strays = rng.choice(len(paths), size=round(fraction * len(paths)), replace=False)
-                for row in strays:
-                    own = assignment[image_ids[paths[row]]]
-                    other = int(rng.integers(len(names) - 1))
-                    assignment[image_ids[paths[row]]] = other + (other >= own)
-                run_id = store_partition(ws, BACKBONE, assignment, preprocess="pca")
-                result = simulate(
-                    ws, run_id, use_gather=gatherer is not None, gatherer=gatherer or library_gather
-                )
-                totals.append(result["total"])
-                per_action.append(result["per_action"])
-                precision.append(result["gather_precision"])
-                ideal.append(result["ideal_gather"])
-            used = gatherer is not None
-            print(
-                f"| {fraction:.0%} | {mode} | {np.mean(totals):.1f} ± {np.std(totals):.1f} | "
-                f"{np.mean(per_action):.1f} ± {np.std(per_action):.1f} | "
-                f"{f'{np.mean(precision):.2f}' if used else ''} | "
-                f"{f'{np.mean(ideal):.1f}' if used else ''} |",
-                flush=True,
-            )
+        for mode, gatherer in _gather_modes():
+            runs = (scattered_run(fraction, seed) for seed in range(n_seeds))
+            print(f"| {fraction:.0%} | {mode} | {_oracle_cells(ws, runs, gatherer)}", flush=True)
 
 
 def _accuracy(ws: Workspace, classes: dict[str, str]) -> float:

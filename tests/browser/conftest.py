@@ -219,11 +219,18 @@ def labws(label_template, app_server, request) -> tuple[str, Path, dict]:
     Each test gets its own copy, so no test depends on another's clicks.
     """
     source, info = label_template
+    name, dest = copy_to_server(source, app_server, request)
+    return name, dest, info
+
+
+def copy_to_server(source: Path, app_server, request) -> tuple[str, Path]:
+    """A private copy of workspace ``source`` in the server's workspaces folder, named after
+    the test: (name, path)."""
     name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:60]
     dest = Path(app_server["workspaces"]) / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(source, dest)
-    return name, dest, info
+    return name, dest
 
 
 # -- driving the Label page --------------------------------------------------------------------

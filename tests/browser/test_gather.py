@@ -10,8 +10,6 @@ the workspace.
 
 from __future__ import annotations
 
-import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,9 @@ from playwright.sync_api import expect
 
 from tests.browser.conftest import (
     GRID_CELL,
+    SYNTHETIC,
     chosen_label,
+    copy_to_server,
     label_of_files,
     make_label_workspace,
     open_label_page,
@@ -39,7 +39,6 @@ def gather_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dic
     from imgcluster.clustering import store_partition
     from imgcluster.runs import run_assignments
     from imgcluster.workspace import Workspace
-    from tests.browser.conftest import SYNTHETIC
 
     path = tmp_path_factory.mktemp("gather-template") / "ws"
     make_label_workspace(path)
@@ -65,9 +64,7 @@ def gather_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dic
 @pytest.fixture()
 def gatherws(gather_template, app_server, request) -> tuple[str, Path, dict]:
     source, info = gather_template
-    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:60]
-    dest = Path(app_server["workspaces"]) / name
-    shutil.copytree(source, dest)
+    name, dest = copy_to_server(source, app_server, request)
     return name, dest, info
 
 
